@@ -1,0 +1,1 @@
+"""The data layer: Kermany layouts, label sets, the Parquet manifest, image decoding, Ray Data loaders."""

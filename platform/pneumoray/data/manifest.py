@@ -1,0 +1,220 @@
+"""The manifest: one Parquet row per usable image, the file every later stage reads.
+
+Columns: path, label (fine: normal / bacteria / virus), class (under the chosen label set),
+patient_id, split (ours: train / val / test), official_split, source (real / phantom / synthetic),
+width, height, mode, sha256. Indexing decodes every image once; files that fail are skipped and
+listed with the reason in a report beside the manifest (`<name>.report.json`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import images, kermany
+from .labels import class_names, parse_classes
+
+COLUMNS = ["path", "label", "class", "patient_id", "split", "official_split", "source",
+           "width", "height", "mode", "sha256"]
+PHANTOM_MARKER = "phantoms.json"  # written by jobs.phantoms at the root of a phantom set
+
+
+class DataError(ValueError):
+    pass
+
+
+def check_image(path: Path) -> dict:
+    """Decode one file fully; its size, mode and sha256, or ImageError."""
+    data = path.read_bytes()
+    img = images.decode(data)
+    return {"width": img.width, "height": img.height, "mode": img.mode,
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def index_folder(root: str | Path, source: str | None = None, workers: int | None = None):
+    """(DataFrame of decodable labelled images, list of {path, reason} for the rest).
+
+    PIL releases the GIL while decoding, so threads give real parallelism here.
+    """
+    root = Path(root).resolve()
+    if source is None:
+        source = "phantom" if (root / PHANTOM_MARKER).exists() else "real"
+    entries = kermany.scan(root)
+    labelled = [e for e in entries if e.problem is None]
+    skipped = [{"path": str(e.path), "reason": e.problem} for e in entries if e.problem]
+
+    def check(entry):
+        try:
+            return check_image(entry.path)
+        except (images.ImageError, OSError) as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(check, labelled))
+    rows = []
+    for entry, result in zip(labelled, results):
+        if isinstance(result, str):
+            skipped.append({"path": str(entry.path), "reason": result})
+            continue
+        rows.append({"path": str(entry.path), "label": entry.label, "patient_id": entry.patient_id,
+                     "official_split": entry.official_split, "source": source, **result})
+    frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("class", "split")])
+    return frame, sorted(skipped, key=lambda s: s["path"])
+
+
+def assign_splits(frame: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, int]:
+    """Add `split`: the official test stays test; validation is carved from the training pool.
+
+    Patient-grouped (a patient's images all land in one split), stratified by each patient's
+    majority label, seeded. Training-pool images of a patient who also appears in the test split
+    are dropped, so no patient is ever in two splits; returns how many were dropped.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    frame = frame.copy()
+    is_test = frame["official_split"].eq("test")
+    test_patients = set(frame.loc[is_test, "patient_id"])
+    overlap = ~is_test & frame["patient_id"].isin(test_patients)
+    frame = frame[~overlap]
+    is_test = frame["official_split"].eq("test")
+    frame["split"] = np.where(is_test, "test", "train")
+
+    pool = frame[~is_test]
+    patient_label = pool.groupby("patient_id")["label"].agg(lambda s: s.value_counts().index[0])
+    patient_size = pool.groupby("patient_id").size()
+    rng = np.random.default_rng(seed)
+    val_patients = []
+    for label in sorted(patient_label.unique()):
+        patients = np.array(sorted(patient_label.index[patient_label == label]))
+        if len(patients) < 2 or val_fraction == 0:
+            continue  # a class with one patient cannot give one away and still be trained on
+        rng.shuffle(patients)
+        target = val_fraction * patient_size[patients].sum()
+        taken = 0
+        for p in patients[:-1]:  # always leave at least one patient for training
+            if taken >= target:
+                break
+            val_patients.append(p)
+            taken += patient_size[p]
+    frame.loc[frame["patient_id"].isin(val_patients) & ~is_test, "split"] = "val"
+    return frame, int(overlap.sum())
+
+
+def apply_label_set(frame: pd.DataFrame, classes) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Keep rows whose label the label set covers, with their `class`; count the rest per label."""
+    mapping = classes if isinstance(classes, dict) else parse_classes(classes)
+    keep = frame["label"].isin(list(mapping))
+    excluded = {k: int(v) for k, v in frame.loc[~keep, "label"].value_counts().items()}
+    frame = frame[keep].copy()
+    frame["class"] = frame["label"].map(mapping)
+    return frame, excluded
+
+
+def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source: str | None = None):
+    """(manifest DataFrame, report dict) for a Kermany-style folder."""
+    mapping = parse_classes(classes)
+    frame, skipped = index_folder(root, source=source)
+    if frame.empty:
+        raise DataError(
+            f"no usable labelled images under {root} ({len(skipped)} skipped): expected the Kermany "
+            "layout, e.g. train/NORMAL/IM-0115-0001.jpeg and train/PNEUMONIA/person1_virus_6.jpeg"
+        )
+    frame, excluded = apply_label_set(frame, mapping)
+    frame, dropped_overlap = assign_splits(frame, val_fraction, seed)
+    frame = frame[COLUMNS].sort_values("path", ignore_index=True)
+    report = {
+        "data": str(Path(root).resolve()),
+        "classes": class_names(mapping),
+        "label_set": mapping,
+        "val_fraction": val_fraction,
+        "split_seed": seed,
+        "images": len(frame),
+        "counts": summarize(frame),
+        "excluded_by_label_set": excluded,
+        "dropped_patient_in_test": dropped_overlap,
+        "skipped": skipped,
+    }
+    return frame, report
+
+
+def summarize(frame: pd.DataFrame) -> dict:
+    """Counts per split and class, per label and per source."""
+    return {
+        "split_class": {f"{s}/{c}": int(n) for (s, c), n in frame.groupby(["split", "class"]).size().items()},
+        "label": {k: int(v) for k, v in Counter(frame["label"]).items()},
+        "source": {k: int(v) for k, v in Counter(frame["source"]).items()},
+        "patients": int(frame["patient_id"].nunique()),
+    }
+
+
+def content_hash(frame: pd.DataFrame) -> str:
+    """A hash of what a manifest holds (images and their labels and splits), not of its file."""
+    h = hashlib.sha256()
+    for row in frame[["sha256", "label", "split", "source"]].itertuples(index=False):
+        h.update("|".join(map(str, row)).encode())
+    return h.hexdigest()
+
+
+def report_path(manifest_path: str | Path) -> Path:
+    p = Path(manifest_path)
+    return p.with_name(p.stem + ".report.json")
+
+
+def write(frame: pd.DataFrame, report: dict, out: str | Path) -> Path:
+    """Write the manifest and its report atomically (temp file, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = {b"pneumoray": json.dumps({k: v for k, v in report.items() if k != "skipped"}).encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    rep = report_path(out)
+    rep_tmp = rep.with_name(rep.name + ".tmp")
+    rep_tmp.write_text(json.dumps({**report, "manifest_sha256": content_hash(frame)}, indent=2))
+    os.replace(rep_tmp, rep)
+    return out
+
+
+def read(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """(frame, metadata) of a manifest written by `write` (or by jobs.generate)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist: run `python -m jobs.prepare --data DIR --out {path}` first")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path} is not a readable Parquet manifest ({e}); rebuild it with jobs.prepare") from None
+    missing = {"path", "label", "patient_id", "split", "source"} - set(table.column_names)
+    if missing:
+        raise DataError(f"{path} is not a pneumoray manifest: columns {sorted(missing)} are missing")
+    meta = json.loads((table.schema.metadata or {}).get(b"pneumoray", b"{}"))
+    return table.to_pandas(), meta
+
+
+def load(data, classes=None, val_fraction: float = 0.15, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """A manifest for `--data`: a folder (indexed now) or a manifest file, under a label set.
+
+    Rows outside the label set are left out and counted in the returned report.
+    """
+    path = Path(data)
+    if path.is_dir():
+        return build(path, classes, val_fraction, seed)
+    frame, meta = read(path)
+    mapping = parse_classes(classes) if classes is not None else meta.get("label_set") or parse_classes(None)
+    frame, excluded = apply_label_set(frame, mapping)
+    if frame.empty:
+        raise DataError(f"no images of classes {class_names(mapping)} in {path}")
+    report = {**meta, "data": str(path.resolve()), "classes": class_names(mapping), "label_set": mapping,
+              "images": len(frame), "counts": summarize(frame), "excluded_by_label_set": excluded}
+    return frame, report

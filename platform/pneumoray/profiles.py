@@ -1,0 +1,55 @@
+"""Profiles: YAML files naming the data, models, hardware and hyper-parameters of every stage.
+
+A profile is a built-in name (`tiny`, `rtx3090`, the files in profiles/) or a path to a YAML file.
+Command-line overrides are `dotted.key=value` strings naming a key the profile already has (a typo is
+an error, not a silently new key); values are parsed as YAML (`3` is an int, `true` a bool, `[8, 16]` a list).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+BUILTIN_DIR = Path(__file__).with_name("profiles")
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:  # a bare name: one of ours
+        path = BUILTIN_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ProfileError(
+            f"unknown profile {name_or_path!r}: give one of {', '.join(builtin_profiles())} "
+            "or a path to a YAML profile file"
+        )
+    profile = yaml.safe_load(path.read_text()) or {}
+    return apply_overrides(profile, overrides)
+
+
+def apply_overrides(profile: dict, overrides) -> dict:
+    profile = copy.deepcopy(profile)
+    for item in overrides or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ProfileError(f"bad override {item!r}: write it as section.key=value, e.g. train.lr=1e-4")
+        parts = key.split(".")
+        node = profile
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else "none (it is a value)"
+                where = ".".join(parts[:depth]) or "the profile"
+                raise ProfileError(f"bad override {item!r}: no key {part!r} in {where}; known keys: {known}")
+            if depth < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return profile

@@ -1,0 +1,192 @@
+"""The data layer on real files: the Kermany sample, broken files, both naming schemes, loaders."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from pneumoray.data import images, kermany, manifest
+from pneumoray.data.labels import LabelSetError, parse_classes
+
+LARGE_ORIGINAL = "train/PNEUMONIA/person23_bacteria_106.jpeg"  # 4000 x 2624, as shipped
+
+
+def test_kermany_sample_indexes_exactly(kermany_sample):
+    frame, report = manifest.build(kermany_sample)
+    assert len(frame) == 1172
+    assert frame["label"].value_counts().to_dict() == {"normal": 599, "virus": 544, "bacteria": 29}
+    assert report["skipped"] == []
+    assert set(frame["official_split"]) == {"train"} and set(frame["source"]) == {"real"}
+    assert set(frame["split"]) == {"train", "val"}
+    # grouped by patient: no patient in two splits; every class represented in validation
+    assert frame.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(frame.loc[frame.split == "val", "label"]) == {"normal", "bacteria", "virus"}
+    assert frame["sha256"].str.len().eq(64).all() and (frame["width"] > 0).all()
+    big = frame[frame.path.str.endswith("person23_bacteria_106.jpeg")].iloc[0]
+    assert (big.width, big.height) == (4000, 2624)
+
+
+def test_validation_split_is_seeded_and_stratified(kermany_sample):
+    a, _ = manifest.build(kermany_sample, seed=0)
+    b, _ = manifest.build(kermany_sample, seed=0)
+    c, _ = manifest.build(kermany_sample, seed=1)
+    assert a["split"].tolist() == b["split"].tolist()
+    assert a["split"].tolist() != c["split"].tolist()
+    for label, group in a.groupby("label"):
+        share = (group["split"] == "val").mean()
+        assert 0.05 < share < 0.35, (label, share)
+
+
+def test_names_both_schemes():
+    assert kermany.parse_name("person1_bacteria_1") == ("bacteria", "person1")
+    assert kermany.parse_name("person447_virus_921_1") == ("virus", "person447")
+    assert kermany.parse_name("IM-0115-0001") == ("normal", "IM-0115")
+    assert kermany.parse_name("NORMAL2-IM-0383-0001") == ("normal", "NORMAL2-IM-0383")
+    assert kermany.parse_name("VIRUS-1003233-0002") == ("virus", "1003233")
+    assert kermany.parse_name("BACTERIA-7-0001") == ("bacteria", "7")
+    assert kermany.parse_name("holiday_photo") == (None, None)
+
+
+def _jpeg(path, size=(96, 80), value=120, mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value,) * 3).save(path, "JPEG")
+    return path
+
+
+@pytest.fixture
+def messy_folder(tmp_path, kermany_sample):
+    """Kaggle layout with broken files, odd modes, a large original and a per-class-folder split."""
+    root = tmp_path / "messy"
+    _jpeg(root / "train/NORMAL/IM-0001-0001.jpeg")
+    _jpeg(root / "train/NORMAL/IM-0001-0002.jpeg", value=90)
+    _jpeg(root / "train/NORMAL/NORMAL2-IM-0002-0001.jpeg")
+    (root / "train/NORMAL/IM-0003-0001.jpeg").write_bytes(b"")  # zero bytes
+    (root / "train/PNEUMONIA").mkdir(parents=True)
+    (root / "train/PNEUMONIA/person3_virus_5.jpeg").write_text("this is not an image\n")
+    good = io.BytesIO()
+    Image.new("L", (300, 300), 200).save(good, "JPEG")
+    (root / "train/PNEUMONIA/person4_bacteria_6.jpeg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    rgba = np.zeros((64, 48, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 180, 255
+    rgba[:10, :, 3] = 0  # a transparent band
+    Image.fromarray(rgba, "RGBA").save(root / "train/PNEUMONIA/person5_virus_7.png")
+    deep = (np.linspace(0, 4095, 40 * 50).reshape(40, 50)).astype(np.uint16)  # 12-bit data in 16 bits
+    Image.fromarray(deep).save(root / "train/PNEUMONIA/person6_bacteria_8.png")
+    shutil.copy(kermany_sample / LARGE_ORIGINAL, root / "train/PNEUMONIA/person23_bacteria_106.jpeg")
+    _jpeg(root / "train/PNEUMONIA/person7_virus_9.jpeg", mode="RGB")
+    _jpeg(root / "train/PNEUMONIA/person8_bacteria_10.jpeg")
+    _jpeg(root / "train/PNEUMONIA/person9_virus_11.jpeg")
+    # newer scheme, one folder per class, as the test split
+    _jpeg(root / "test/NORMAL/NORMAL-1001-0001.jpeg")
+    _jpeg(root / "test/BACTERIA/BACTERIA-1002-0001.jpeg")
+    _jpeg(root / "test/VIRUS/VIRUS-1003-0001.jpeg")
+    _jpeg(root / "test/VIRUS/scan_without_scheme.jpeg")  # class from its folder, its own patient
+    _jpeg(root / "test/NORMAL/person10_virus_12.jpeg")  # name and folder disagree
+    (root / "README.txt").write_text("not an image, not in a class folder: ignored")
+    return root
+
+
+def test_prepare_skips_broken_files_with_reasons(messy_folder, tmp_path):
+    out = tmp_path / "m.parquet"
+    proc = subprocess.run([sys.executable, "-m", "jobs.prepare", "--data", str(messy_folder), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 4 unreadable or unlabelled file(s)" in proc.stdout
+    report = json.loads(manifest.report_path(out).read_text())
+    reasons = {s["path"].split("/")[-1]: s["reason"] for s in report["skipped"]}
+    assert "empty" in reasons["IM-0003-0001.jpeg"]
+    assert "not an image" in reasons["person3_virus_5.jpeg"]
+    assert "truncated" in reasons["person4_bacteria_6.jpeg"]
+    assert "folder" in reasons["person10_virus_12.jpeg"]
+    frame, meta = manifest.read(out)
+    assert set(manifest.COLUMNS) <= set(frame.columns)
+    assert len(frame) == 13 and meta["images"] == 13
+    by_name = frame.set_index(frame.path.str.rsplit("/", n=1).str[-1])
+    assert by_name.loc["person5_virus_7.png", "mode"] == "RGBA"
+    assert by_name.loc["person6_bacteria_8.png", "mode"].startswith("I")
+    assert by_name.loc["VIRUS-1003-0001.jpeg", ["label", "patient_id", "split"]].tolist() == ["virus", "1003", "test"]
+    assert by_name.loc["BACTERIA-1002-0001.jpeg", "label"] == "bacteria"
+    assert by_name.loc["scan_without_scheme.jpeg", "label"] == "virus"
+    assert frame.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_prepare_bad_folder_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.prepare", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m.parquet")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_label_sets_subset_and_merge(kermany_sample, tmp_path):
+    frame, report = manifest.build(kermany_sample, classes="normal,virus")
+    assert report["excluded_by_label_set"] == {"bacteria": 29} and len(frame) == 1143
+    merged, report = manifest.build(kermany_sample, classes="normal,pneumonia")
+    assert report["classes"] == ["normal", "pneumonia"]
+    assert merged["class"].value_counts().to_dict() == {"normal": 599, "pneumonia": 573}
+    assert parse_classes("sick=bacteria+virus,normal") == {"bacteria": "sick", "virus": "sick", "normal": "normal"}
+    for bad in ("normal,fungus", "normal", "normal,normal,virus"):
+        with pytest.raises(LabelSetError):
+            parse_classes(bad)
+    # a manifest re-read under a narrower label set leaves rows out and counts them
+    out = manifest.write(*manifest.build(kermany_sample), tmp_path / "all.parquet")
+    sub, rep = manifest.load(out, classes="bacteria,virus")
+    assert len(sub) == 573 and rep["excluded_by_label_set"] == {"normal": 599}
+
+
+def test_preprocessing_modes_and_aspect(messy_folder):
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    deep = images.load_preprocessed(messy_folder / "train/PNEUMONIA/person6_bacteria_8.png", 64, mean, std)
+    assert deep.shape == (3, 64, 64) and deep.dtype == np.float32
+    # 12-bit data in a 16-bit file uses the full range instead of staying nearly black
+    content = deep[0, 7:57, :]
+    # (scaled by 65535 instead, its brightest pixel would normalise to about -1.75)
+    assert content.max() > 1.9 and content.min() < -1.8
+    # RGBA: transparent pixels become black, opaque ones keep their grey; output is 3-channel
+    rgba = images.to_rgb(Image.open(messy_folder / "train/PNEUMONIA/person5_virus_7.png"))
+    assert rgba.mode == "RGB" and rgba.getpixel((5, 2)) == (0, 0, 0) and rgba.getpixel((5, 30)) == (180, 180, 180)
+    # letterbox keeps the aspect ratio: a 4000 x 2624 original gets black bars top and bottom
+    big = images.letterbox(images.to_rgb(images.decode((messy_folder / "train/PNEUMONIA/person23_bacteria_106.jpeg").read_bytes())), 64)
+    arr = np.asarray(big)
+    assert arr.shape == (64, 64, 3) and arr[:5].max() == 0 and arr[-5:].max() == 0 and arr[20:44].mean() > 20
+    # normalisation is the model's own: a white pixel maps to (1 - mean) / std
+    white = images.preprocess(Image.new("L", (10, 10), 255), 8, (0.48, 0.45, 0.40), (0.26, 0.26, 0.27))
+    assert white[:, 4, 4] == pytest.approx([(1 - 0.48) / 0.26, (1 - 0.45) / 0.26, (1 - 0.40) / 0.27], rel=1e-5)
+
+
+def test_decode_errors_name_the_problem():
+    with pytest.raises(images.ImageError, match="empty"):
+        images.decode(b"")
+    with pytest.raises(images.ImageError, match="not an image"):
+        images.decode(b"hello world, definitely text")
+    with pytest.raises(images.ImageError, match="DICOM"):
+        images.decode(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+
+
+def test_ray_data_loader_yields_model_ready_batches(ray_local, kermany_sample):
+    from pneumoray.data.loader import image_dataset
+
+    frame, _ = manifest.build(kermany_sample, classes="normal,virus")
+    val = frame[frame.split == "val"].head(40)
+    ds = image_dataset(val, ["normal", "virus"], 32, (0.5,) * 3, (0.25,) * 3)
+    batches = list(ds.iter_batches(batch_size=16, batch_format="numpy"))
+    assert sum(len(b["label"]) for b in batches) == 40
+    assert batches[0]["pixel_values"].shape[1:] == (3, 32, 32)
+    expected = val["class"].map({"normal": 0, "virus": 1}).tolist()
+    assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == sorted(expected)
+
+
+def test_import_platform_is_the_standard_module():
+    """platform/ is a src folder: from the repo root, `import platform` must stay Python's own."""
+    code = ("import torch, ray, platform, sysconfig, os; "
+            "assert os.path.dirname(platform.__file__) == sysconfig.get_paths()['stdlib'], platform.__file__; "
+            "print(platform.system(), platform.python_version())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "jobs.prepare", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--data" in proc.stdout
