@@ -49,6 +49,8 @@ def index_folder(root: str | Path, source: str | None = None, workers: int | Non
     if source is None:
         source = "phantom" if (root / PHANTOM_MARKER).exists() else "real"
     entries = kermany.scan(root)
+    if source == "phantom":  # the set's own contact sheet is a picture of the data, not data
+        entries = [e for e in entries if e.path.parent != root]
     labelled = [e for e in entries if e.problem is None]
     skipped = [{"path": str(e.path), "reason": e.problem} for e in entries if e.problem]
 
@@ -217,4 +219,24 @@ def load(data, classes=None, val_fraction: float = 0.15, seed: int = 0) -> tuple
         raise DataError(f"no images of classes {class_names(mapping)} in {path}")
     report = {**meta, "data": str(path.resolve()), "classes": class_names(mapping), "label_set": mapping,
               "images": len(frame), "counts": summarize(frame), "excluded_by_label_set": excluded}
+    return frame, report
+
+
+def load_sources(sources, classes=None, val_fraction: float = 0.15, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Several `--data` sources as one manifest: real or phantom data plus synthetic manifests.
+
+    Synthetic images only ever enter the training split: whatever split a synthetic row carries,
+    it becomes train, so validation and test stay real.
+    """
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    frames, reports = zip(*(load(s, classes, val_fraction, seed) for s in sources))
+    mapping = parse_classes(classes) if classes is not None else reports[0]["label_set"]
+    frame = pd.concat(frames, ignore_index=True)
+    frame.loc[frame["source"] == "synthetic", "split"] = "train"
+    if frame["sha256"].duplicated().any() and len(sources) > 1:
+        frame = frame.drop_duplicates("sha256", ignore_index=True)  # the same image given twice
+    report = {**reports[0], "data": [r["data"] for r in reports], "images": len(frame), "counts": summarize(frame),
+              "classes": class_names(mapping), "label_set": mapping,
+              "excluded_by_label_set": {k: sum(r["excluded_by_label_set"].get(k, 0) for r in reports)
+                                        for k in {k for r in reports for k in r["excluded_by_label_set"]}}}
     return frame, report
