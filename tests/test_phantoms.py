@@ -75,8 +75,9 @@ def test_layout_and_names(dataset):
     allowed = re.compile(r"^(train|test)/"
                          r"(NORMAL/IM-\d{4}-\d{4}|PNEUMONIA/person\d+_(bacteria|virus)_\d+)\.jpeg$")
     assert "contact_sheet.png" in files
-    assert all(allowed.match(f) for f in files - {"contact_sheet.png"}), files
-    assert sorted(p.name for p in Path(out).iterdir()) == ["contact_sheet.png", "test", "train"]
+    assert {"contact_sheet.png", "phantoms.json"} <= files
+    assert all(allowed.match(f) for f in files - {"contact_sheet.png", "phantoms.json"}), files
+    assert sorted(p.name for p in Path(out).iterdir()) == ["contact_sheet.png", "phantoms.json", "test", "train"]
 
     rows = images(out)
     # Normal: IM-PPPP-000K with K = 1..k per patient.
@@ -180,7 +181,7 @@ def test_rerun_into_the_same_folder_drops_stale_files(tmp_path):
     after = set(digests(tmp_path))
     assert summary["removed_stale"] == len(before - after) > 0
     listed = {p.relative_to(tmp_path).as_posix() for *_, p in images(tmp_path)}
-    assert after == listed | {"contact_sheet.png"}
+    assert after == listed | {"contact_sheet.png", "phantoms.json"}
     assert not [p for p in Path(tmp_path).rglob(".*")]  # no temp files left behind
 
 
@@ -255,3 +256,17 @@ def test_cli_writes_the_set_and_prints_a_summary(tmp_path):
     for split in ("train", "test"):
         assert split in run.stdout
     assert len(images(tmp_path)) == sum(len(p.files) for p in P.plan_patients(6, 2))
+
+
+def test_rerun_with_same_parameters_resumes_without_redrawing(tmp_path):
+    out = tmp_path / "ph"
+    P.generate_phantoms(out, patients=6, seed=3, size=64)
+    first = digests(out)
+    image = next(out.glob("train/*/*.jpeg"))
+    before = image.stat().st_mtime_ns
+    summary = P.generate_phantoms(out, patients=6, seed=3, size=64)
+    assert image.stat().st_mtime_ns == before  # nothing was redrawn
+    assert digests(out) == first and summary["out_dir"] == str(out.resolve())
+    image.unlink()  # an incomplete set is completed, not trusted
+    P.generate_phantoms(out, patients=6, seed=3, size=64)
+    assert digests(out) == first

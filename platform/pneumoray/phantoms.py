@@ -606,6 +606,10 @@ def contact_sheet(out_dir, plans, per_row=6, thumb=128):
     return path
 
 
+def _paths(out_dir):
+    return {"out_dir": os.path.abspath(out_dir), "contact_sheet": os.path.join(os.path.abspath(out_dir), "contact_sheet.png")}
+
+
 def generate_phantoms(out_dir, patients=DEFAULT_PATIENTS, seed=0, size=256, test_fraction=0.2):
     """Write the phantom data set under out_dir and return a summary.
 
@@ -621,7 +625,7 @@ def generate_phantoms(out_dir, patients=DEFAULT_PATIENTS, seed=0, size=256, test
         with open(marker) as f:
             done = json.load(f)
         if done.get("params") == params and all(os.path.exists(os.path.join(out_dir, r)) for p in plans for r in p.files):
-            return done["summary"]
+            return {**done["summary"], **_paths(out_dir), "removed_stale": 0}
     for split in ("train", "test"):
         for folder in ("NORMAL", "PNEUMONIA"):
             os.makedirs(os.path.join(out_dir, split, folder), exist_ok=True)
@@ -651,7 +655,8 @@ def generate_phantoms(out_dir, patients=DEFAULT_PATIENTS, seed=0, size=256, test
     # Written last: its presence means the set is complete, and it marks the folder as phantoms
     # (the manifest records source=phantom).
     with open(marker + ".tmp", "w") as f:
-        json.dump({"params": params, "summary": summary}, f, indent=2)
+        # without absolute paths, so the same seed gives the same bytes in any folder
+        json.dump({"params": params, "summary": {k: v for k, v in summary.items() if k not in _paths(out_dir)}}, f, indent=2)
     os.replace(marker + ".tmp", marker)
     return summary
 
