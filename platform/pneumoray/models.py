@@ -80,6 +80,11 @@ TINY_CLIP_SPEC = {
     },
     "projection_dim": 64,
     "image_size": 64,
+    # A trained CLIP's logit scale is 100 (the cap it learns up to); the init value 1/0.07 would
+    # shrink the classifier's gradients sevenfold.
+    "logit_scale_init_value": 4.6052,
+    # The image tower is pretrained on generic synthetic scenes (see tiny_pretrain.py).
+    "pretrain": {"steps": 300, "batch": 64, "lr": 2e-3, "seed": 0},
 }
 
 TINY_SD_SPEC = {
@@ -224,19 +229,35 @@ def _seeded():
         yield
 
 
+@contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _write_tiny_clip(folder: Path, spec: dict) -> None:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from .tiny_pretrain import pretrain_vision
 
     tokenizer = _save_tiny_tokenizer(folder)
     config = CLIPConfig(
         text_config=_text_config(spec["text"], tokenizer).to_dict(),
         vision_config=spec["vision"],
         projection_dim=spec["projection_dim"],
+        logit_scale_init_value=spec["logit_scale_init_value"],
     )
-    with _seeded():
-        model = CLIPModel(config).eval()
-    model.save_pretrained(str(folder), safe_serialization=True)
     processor = CLIPProcessor(image_processor=_clip_image_processor(spec["image_size"]), tokenizer=tokenizer)
+    with _seeded():
+        model = CLIPModel(config)
+        mean, std, _ = image_norm(processor)
+        with _one_thread():  # float sums must not depend on the core count, or weights would differ
+            pretrain_vision(model, mean, std, **spec["pretrain"])
+    model.eval().save_pretrained(str(folder), safe_serialization=True)
     processor.save_pretrained(str(folder))
 
 
@@ -487,6 +508,13 @@ def load_clip(ref: str, dtype=None):
     model = CLIPModel.from_pretrained(folder, **kwargs).eval()
     processor = CLIPProcessor.from_pretrained(folder)
     return model, processor
+
+
+def load_processor(ref: str):
+    """Only the CLIPProcessor (tokenizer + image preprocessing) of a reference: no weights loaded."""
+    from transformers import CLIPProcessor
+
+    return CLIPProcessor.from_pretrained(resolve_model(ref, "clip"))
 
 
 def load_sd_pipeline(ref: str, dtype=None):

@@ -20,6 +20,8 @@ def parse_classes(spec: str | list[str] | tuple[str, ...] | None) -> dict[str, s
     """{fine label: class} for a label-set spec; the class order is the spec's order."""
     if spec is None:
         spec = list(LABELS)
+    if isinstance(spec, dict):  # already a mapping (e.g. stored with a model): write it back as a spec
+        spec = [f"{name}={'+'.join(k for k, v in spec.items() if v == name)}" for name in dict.fromkeys(spec.values())]
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     mapping: dict[str, str] = {}
     for item in items:

@@ -1,0 +1,37 @@
+"""Fine-tune CLIP with LoRA on Ray Train; track in MLflow; register and promote `pneumonia-clip`.
+
+    python -m jobs.train --profile tiny --data DIR_OR_MANIFEST [--data MORE ...] [--classes normal,virus]
+                         [--run-name NAME] [--set train.epochs=5]
+
+Running again with the same --run-name continues that run from its last checkpoint.
+"""
+
+import argparse
+import json
+
+from pneumoray import training
+from pneumoray.cli import add_profile_args, profile_from, user_errors
+from pneumoray.data import manifest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", action="append", required=True,
+                        help="folder or manifest; repeat to add sources (synthetic ones join the training split only)")
+    parser.add_argument("--classes", help="label set (default: the profile's)")
+    parser.add_argument("--run-name", default=None, help="MLflow/Ray run name; reuse it to resume (default: clip-<profile>)")
+    parser.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    add_profile_args(parser)
+    args = parser.parse_args(argv)
+    with user_errors():
+        profile = profile_from(args)
+        d = profile["data"]
+        frame, report = manifest.load_sources(args.data, args.classes or d["classes"], d["val_fraction"], d["split_seed"])
+    summary = training.fit(profile, frame, report, args.run_name or f"clip-{profile['name']}",
+                           register=not args.no_register)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

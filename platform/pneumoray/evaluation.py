@@ -1,0 +1,85 @@
+"""Scoring a registered classifier on a split: metrics, calibration and the zero-shot baseline.
+
+The zero-shot baseline is the same base CLIP with the adapter switched off, on the same images and
+prompts: what the LoRA fine-tuning added. Temperature scaling is fitted on the validation split
+(when the data has one; otherwise the temperature fitted at training time is used) and ECE is
+reported before and after it.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from . import metrics
+from .data import manifest
+
+
+def load_model(model_uri: str):
+    """(pyfunc model, our ClipLoraClassifier inside it)."""
+    from . import tracking
+
+    tracking.setup_mlflow()
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    return loaded, loaded.unwrap_python_model()
+
+
+def score(logits: np.ndarray, y: np.ndarray, classes: list[str], temperature: float = 1.0) -> dict:
+    out = metrics.classification_report(y, logits.argmax(axis=1), classes)
+    out["ece"] = metrics.expected_calibration_error(metrics.softmax(logits), y)
+    if temperature != 1.0:
+        out["ece_after_temperature"] = metrics.expected_calibration_error(metrics.softmax(logits, temperature), y)
+    return out
+
+
+def evaluate(model_uri: str, data, split: str = "test") -> dict:
+    _, clf = load_model(model_uri)
+    label_set = clf.config.get("label_set") or {c: c for c in clf.classes}
+    frame, report = manifest.load(data, classes=label_set)
+    rows = frame[frame["split"] == split]
+    if rows.empty:
+        raise manifest.DataError(f"no {split} images of classes {clf.classes} in {data}; splits present: "
+                                 f"{sorted(frame['split'].unique())}")
+    index = {c: i for i, c in enumerate(clf.classes)}
+
+    def logits_of(part: pd.DataFrame, adapter: bool = True):
+        pixels = np.stack([clf.pixels([open(p, "rb").read()])[0] for p in part["path"]])
+        return clf.logits(pixels, adapter=adapter), part["class"].map(index).to_numpy()
+
+    logits, y = logits_of(rows)
+    val = frame[frame["split"] == "val"]
+    if split != "val" and not val.empty:
+        val_logits, val_y = logits_of(val)
+        temperature, fitted_on = metrics.fit_temperature(val_logits, val_y), "val"
+    else:
+        temperature, fitted_on = float(clf.config.get("temperature", 1.0)), "training-time validation"
+    result = score(logits, y, clf.classes, temperature)
+    zero_logits, _ = logits_of(rows, adapter=False)
+    result.update(
+        temperature=temperature,
+        temperature_fitted_on=fitted_on,
+        zero_shot=score(zero_logits, y, clf.classes),
+        split=split,
+        model_uri=model_uri,
+        classes=clf.classes,
+        left_out_by_label_set=report.get("excluded_by_label_set", {}),
+    )
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for c, m in result["per_class"].items():
+        lines.append(f"{c:<12}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>10d}")
+    z = result["zero_shot"]
+    lines += ["",
+              f"{'':<12}{'accuracy':>10}{'macro_f1':>10}{'recall':>10}{'ece':>10}",
+              f"{'LoRA':<12}{result['accuracy']:>10.3f}{result['macro_f1']:>10.3f}{result['macro_recall']:>10.3f}{result['ece']:>10.3f}",
+              f"{'zero-shot':<12}{z['accuracy']:>10.3f}{z['macro_f1']:>10.3f}{z['macro_recall']:>10.3f}{z['ece']:>10.3f}"]
+    if "ece_after_temperature" in result:
+        lines.append(f"temperature {result['temperature']:.3f} (fitted on {result['temperature_fitted_on']}): "
+                     f"ECE {result['ece']:.3f} -> {result['ece_after_temperature']:.3f}")
+    if result["left_out_by_label_set"]:
+        lines.append(f"left out (outside the model's classes): {result['left_out_by_label_set']}")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Where runs, checkpoints and the MLflow store live.
+
+MLFLOW_TRACKING_URI wins (a server started by `python -m pneumoray.stack`, or any other); without it
+runs go to an embedded SQLite store in the project's run folder (PNEUMORAY_RUNS, default ./runs),
+with artifacts beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EXPERIMENT = "pneumoray"
+
+
+def runs_dir() -> Path:
+    path = Path(os.environ.get("PNEUMORAY_RUNS", "runs")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
+
+
+def setup_mlflow(experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at our store and experiment; returns the experiment id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        exp_id = found.experiment_id
+    else:
+        # A local store keeps artifacts in the run folder, not in ./mlruns of whatever cwd is.
+        location = (runs_dir() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            exp_id = client.get_experiment_by_name(experiment).experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def find_or_start_run(run_name: str, **tags):
+    """The MLflow run named run_name in our experiment, reopened, or a new one (rerun = continue)."""
+    import mlflow
+
+    exp_id = setup_mlflow()
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
+                               order_by=["start_time DESC"], max_results=1, output_format="list")
+    if found:
+        return mlflow.start_run(run_id=found[0].info.run_id)
+    return mlflow.start_run(run_name=run_name, tags=tags or None)

@@ -1,0 +1,271 @@
+"""CLIP LoRA fine-tuning on Ray Train, tracked in MLflow, registered as `pneumonia-clip`.
+
+The driver builds Ray Datasets from the manifest and a TorchTrainer; each worker loads CLIP, wraps
+it with the LoRA adapter, streams its shard of the training set, and after every epoch scores the
+validation set and reports metrics plus a checkpoint (adapter, optimizer, epoch). A crashed worker
+is restarted by FailureConfig from the last checkpoint; running again with the same run name
+continues the same Ray run and the same MLflow run. The test split is never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import classifier, metrics, models
+from .data import loader
+from .data.manifest import content_hash
+
+CHECKPOINT_STATE = "state.json"
+
+
+# ----------------------------------------------------------------------------- on each worker
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(cfg["seed"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    base, processor = models.load_clip(cfg["model"])
+    model = classifier.attach_lora(base, cfg["lora"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # Linear warm-up, then cosine decay: late epochs settle instead of jumping around the optimum.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg["steps_per_epoch"] * cfg["warmup_epochs"],
+                                                cfg["steps_per_epoch"] * cfg["epochs"])
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            set_peft_model_state_dict(model, load_file(os.path.join(d, "adapter", "adapter_model.safetensors")))
+            saved = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            start_epoch = json.loads(Path(d, CHECKPOINT_STATE).read_text())["epoch"] + 1
+        print(f"[pneumoray] resuming from the checkpoint of epoch {start_epoch - 1}: starting at epoch {start_epoch}")
+
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    bank = classifier.PromptBank.build(processor.tokenizer, cfg["prompts"]).to(device)
+    weights = torch.tensor(cfg["class_weights"], device=device) if cfg["class_weights"] else None
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"]) if device.type == "cuda" else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    mlflow_client = _mlflow_client(cfg) if rank == 0 else None
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        losses = []
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device,
+                                                    local_shuffle_buffer_size=cfg["shuffle_buffer"],
+                                                    local_shuffle_seed=cfg["seed"] + epoch):
+            losses.append(classifier.train_step(model, batch["pixel_values"], batch["label"], bank, optimizer,
+                                                weights, autocast))
+            scheduler.step()
+        y_true, logits = [], []
+        for batch in val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device):
+            logits.append(classifier.predict_logits(model, batch["pixel_values"], bank, autocast).cpu())
+            y_true.append(batch["label"].cpu())
+        y_true = torch.cat(y_true).numpy()
+        logits = torch.cat(logits).numpy()
+        report = metrics.classification_report(y_true, logits.argmax(1), cfg["classes"])
+        epoch_metrics = {
+            "epoch": epoch,
+            "resumed_at_epoch": start_epoch,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "val_accuracy": report["accuracy"],
+            "val_macro_f1": report["macro_f1"],
+            "val_macro_recall": report["macro_recall"],
+            **{f"val_recall_{c}": v["recall"] for c, v in report["per_class"].items()},
+        }
+        if mlflow_client:
+            _log_epoch(mlflow_client, cfg["mlflow_run_id"], epoch_metrics, epoch)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                unwrapped = model.module if hasattr(model, "module") else model
+                unwrapped.save_pretrained(os.path.join(d, "adapter"))
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                           os.path.join(d, "optimizer.pt"))
+                state = {**epoch_metrics, "confusion_matrix": report["confusion_matrix"],
+                         "val_logits": logits.tolist(), "val_labels": y_true.tolist()}
+                Path(d, CHECKPOINT_STATE).write_text(json.dumps(state))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(epoch_metrics, checkpoint=ckpt)
+
+
+def _mlflow_client(cfg):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=cfg["tracking_uri"])
+
+
+def _log_epoch(client, run_id: str, values: dict, epoch: int) -> None:
+    """Per-epoch metrics into the driver's MLflow run as training goes (rank 0 only)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in values.items()
+                                      if k not in ("epoch", "resumed_at_epoch")])
+
+
+# ----------------------------------------------------------------------------- on the driver
+
+def balance(frame: pd.DataFrame, strategy: str, classes: list[str], seed: int):
+    """(training rows, class weights or None) for an imbalance strategy.
+
+    weighted_loss: inverse-frequency cross-entropy weights; oversample: minority classes' rows
+    repeated (seeded) up to the largest class; none: as is.
+    """
+    counts = [int((frame["class"] == c).sum()) for c in classes]
+    if strategy == "weighted_loss":
+        return frame, classifier.class_weights(counts).tolist()
+    if strategy == "oversample":
+        target = max(counts)
+        parts = [frame[frame["class"] == c].sample(target, replace=n < target, random_state=seed) if n else frame[frame["class"] == c]
+                 for c, n in zip(classes, counts)]
+        return pd.concat(parts, ignore_index=True), None
+    if strategy == "none":
+        return frame, None
+    raise ValueError(f"train.imbalance must be weighted_loss, oversample or none, got {strategy!r}")
+
+
+def worker_config(profile: dict, classes: list[str], class_weights, n_train: int, run_id: str, tracking_uri: str) -> dict:
+    t = profile["train"]
+    per_step = int(t["batch_size"]) * int(profile["hardware"]["num_workers"])
+    return {
+        "model": profile["models"]["clip"],
+        "classes": classes,
+        "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
+        "lora": t["lora"],
+        "lr": float(t["lr"]),
+        "weight_decay": float(t["weight_decay"]),
+        "epochs": int(t["epochs"]),
+        "warmup_epochs": float(t["warmup_epochs"]),
+        "steps_per_epoch": max(1, -(-n_train // per_step)),
+        "batch_size": int(t["batch_size"]),
+        "shuffle_buffer": int(t["shuffle_buffer"]),
+        "precision": t["precision"],
+        "seed": int(t["seed"]),
+        "class_weights": class_weights,
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri,
+    }
+
+
+def _dataset(rows, classes, size, mean, std, materialize: bool):
+    """Materialised, images are decoded once for all epochs (worth it when they fit in memory)."""
+    ds = loader.image_dataset(rows, classes, size, mean, std)
+    return ds.materialize() if materialize else ds
+
+
+def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, callbacks=(), register: bool = True) -> dict:
+    """Train, log and (optionally) register; returns a summary of the run."""
+    import mlflow
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from . import tracking
+
+    t, hw = profile["train"], profile["hardware"]
+    classes = data_report["classes"]
+    train_rows = frame[frame["split"] == "train"]
+    val_rows = frame[frame["split"] == "val"]
+    if train_rows.empty or val_rows.empty:
+        raise ValueError(f"need training and validation images, got {len(train_rows)} and {len(val_rows)}: "
+                         "check --classes and data.val_fraction")
+    train_rows, weights = balance(train_rows, t["imbalance"], classes, int(t["seed"]))
+    mean, std, size = models.image_norm(models.load_processor(profile["models"]["clip"]))
+
+    with tracking.find_or_start_run(run_name) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(_flatten({"train": t, "hardware": hw, "models": profile["models"], "classes": ",".join(classes)}))
+        mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
+                         "pneumoray.imbalance": t["imbalance"],
+                         **{f"pneumoray.images.{k}": v for k, v in data_report["counts"]["source"].items()},
+                         **{f"pneumoray.split.{k}": v for k, v in data_report["counts"]["split_class"].items()}})
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=worker_config(profile, classes, weights, len(train_rows), run_id, tracking.tracking_uri()),
+            scaling_config=ray.train.ScalingConfig(num_workers=int(hw["num_workers"]), use_gpu=bool(hw["use_gpu"]),
+                                                   resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
+                                                                         **({"GPU": 1} if hw["use_gpu"] else {})}),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=str(tracking.runs_dir() / "ray_results"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
+                                                             checkpoint_score_order="max"),
+                failure_config=ray.train.FailureConfig(max_failures=int(t["max_failures"])),
+                callbacks=list(callbacks),
+            ),
+            datasets={name: _dataset(rows, classes, size, mean, std, t["materialize"])
+                      for name, rows in (("train", train_rows), ("val", val_rows))},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+        best = result.get_best_checkpoint("val_macro_f1", "max") if result.best_checkpoints else result.checkpoint
+        if best is None:
+            raise RuntimeError(f"run {run_name} produced no checkpoint; see the Ray logs under {tracking.runs_dir() / 'ray_results' / run_name}")
+        summary = _finish(best, classes, data_report["label_set"], run_id, mean, std, size, profile, register)
+    return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes, "imbalance": t["imbalance"]}
+
+
+def _finish(checkpoint, classes, label_set, run_id, mean, std, size, profile, register) -> dict:
+    """Calibrate on validation, log plots and the model, register and promote."""
+    import mlflow
+
+    from . import registry
+    from .plots import confusion_png, curves_png
+
+    t = profile["train"]
+    with checkpoint.as_directory() as d:
+        state = json.loads(Path(d, CHECKPOINT_STATE).read_text())
+        temperature = metrics.fit_temperature(np.array(state["val_logits"]), state["val_labels"])
+        client = mlflow.MlflowClient()
+        history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+                   for k in ("train_loss", "val_macro_f1", "val_accuracy")}
+        with tempfile.TemporaryDirectory() as tmp:
+            confusion_png(np.array(state["confusion_matrix"]), classes, Path(tmp, "confusion_val.png"),
+                          f"validation, epoch {state['epoch']}")
+            curves_png(history, Path(tmp, "training_curves.png"))
+            mlflow.log_artifacts(tmp, "plots")
+        mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_macro_f1": state["val_macro_f1"],
+                            "temperature": temperature})
+        base_ref = profile["models"]["clip"]
+        model_config = {"classes": classes, "label_set": label_set, "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
+                        "templates": list(t["templates"]), "base_model": base_ref, "image_size": size,
+                        "mean": list(mean), "std": list(std), "preprocessing": "decode, 8-bit RGB, letterbox, normalise",
+                        "temperature": temperature, "val_macro_f1": state["val_macro_f1"], "epoch": state["epoch"]}
+        # The tiny base is built on this machine only, so it travels inside the model; hub models by reference.
+        base_dir = models.resolve_model(base_ref, "clip") if base_ref == models.TINY else None
+        info = registry.log_classifier(Path(d, "adapter"), model_config, base_dir,
+                                       registry.CLIP_MODEL if register else None)
+    summary = {"best_epoch": state["epoch"], "val_macro_f1": state["val_macro_f1"], "val_accuracy": state["val_accuracy"],
+               "temperature": temperature, "model_uri": info.model_uri}
+    if register:
+        version = info.registered_model_version
+        summary.update(version=str(version), alias=registry.promote(registry.CLIP_MODEL, version, state["val_macro_f1"]))
+    return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, (list, tuple)) else json.dumps(v)
+    return out
