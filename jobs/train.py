@@ -8,6 +8,7 @@ Running again with the same --run-name continues that run from its last checkpoi
 
 import argparse
 import json
+from pathlib import Path
 
 from pneumoray import training
 from pneumoray.cli import add_profile_args, profile_from, user_errors
@@ -20,6 +21,7 @@ def main(argv=None):
                         help="folder or manifest; repeat to add sources (synthetic ones join the training split only)")
     parser.add_argument("--classes", help="label set (default: the profile's)")
     parser.add_argument("--run-name", default=None, help="MLflow/Ray run name; reuse it to resume (default: clip-<profile>)")
+    parser.add_argument("--out", help="also write the run summary as JSON here")
     parser.add_argument("--no-register", action="store_true", help="log the model but do not register it")
     add_profile_args(parser)
     args = parser.parse_args(argv)
@@ -30,6 +32,9 @@ def main(argv=None):
     summary = training.fit(profile, frame, report, args.run_name or f"clip-{profile['name']}",
                            register=not args.no_register)
     print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
     return summary
 
 

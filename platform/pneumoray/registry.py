@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -71,7 +70,7 @@ def promote(name: str, version: str | int, score: float, metric: str = SCORE) ->
     """Give the version `champion` if it beats the champion on `metric`, else `challenger`."""
     client = mlflow.MlflowClient()
     version = str(version)
-    client.set_model_version_tag(name, version, metric, f"{score:.6f}")
+    client.set_model_version_tag(name, version, metric, repr(float(score)))  # exact, so ties stay ties
     try:
         champion = client.get_model_version_by_alias(name, "champion")
     except mlflow.exceptions.MlflowException:
@@ -84,9 +83,10 @@ def promote(name: str, version: str | int, score: float, metric: str = SCORE) ->
     return alias
 
 
-def copy_tree(src: str | Path, dst: str | Path) -> Path:
-    dst = Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    return dst
+def version_of_checkpoint(name: str, checkpoint: str):
+    """The version already registered from this checkpoint, if any: a rerun must not register twice."""
+    client = mlflow.MlflowClient()
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("pneumoray.checkpoint") == checkpoint:
+            return mv
+    return None

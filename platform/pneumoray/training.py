@@ -20,7 +20,7 @@ import torch
 
 from . import classifier, metrics, models
 from .data import loader
-from .data.manifest import content_hash
+from .data.manifest import DataError, content_hash
 
 CHECKPOINT_STATE = "state.json"
 
@@ -63,6 +63,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     mlflow_client = _mlflow_client(cfg) if rank == 0 else None
+    if mlflow_client and start_epoch:  # visible in MLflow: where each restart picked up
+        _log_epoch(mlflow_client, cfg["mlflow_run_id"], {"resumed_at_epoch": start_epoch}, start_epoch)
 
     for epoch in range(start_epoch, cfg["epochs"]):
         losses = []
@@ -89,7 +91,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             **{f"val_recall_{c}": v["recall"] for c, v in report["per_class"].items()},
         }
         if mlflow_client:
-            _log_epoch(mlflow_client, cfg["mlflow_run_id"], epoch_metrics, epoch)
+            _log_epoch(mlflow_client, cfg["mlflow_run_id"],
+                       {k: v for k, v in epoch_metrics.items() if k != "resumed_at_epoch"}, epoch)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -117,8 +120,7 @@ def _log_epoch(client, run_id: str, values: dict, epoch: int) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in values.items()
-                                      if k not in ("epoch", "resumed_at_epoch")])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in values.items() if k != "epoch"])
 
 
 # ----------------------------------------------------------------------------- on the driver
@@ -184,14 +186,14 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, ca
     train_rows = frame[frame["split"] == "train"]
     val_rows = frame[frame["split"] == "val"]
     if train_rows.empty or val_rows.empty:
-        raise ValueError(f"need training and validation images, got {len(train_rows)} and {len(val_rows)}: "
+        raise DataError(f"need training and validation images, got {len(train_rows)} and {len(val_rows)}: "
                          "check --classes and data.val_fraction")
     train_rows, weights = balance(train_rows, t["imbalance"], classes, int(t["seed"]))
     mean, std, size = models.image_norm(models.load_processor(profile["models"]["clip"]))
 
     with tracking.find_or_start_run(run_name) as run:
         run_id = run.info.run_id
-        mlflow.log_params(_flatten({"train": t, "hardware": hw, "models": profile["models"], "classes": ",".join(classes)}))
+        _log_params(run, _flatten({"train": t, "hardware": hw, "models": profile["models"], "classes": ",".join(classes)}))
         mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
                          "pneumoray.imbalance": t["imbalance"],
                          **{f"pneumoray.images.{k}": v for k, v in data_report["counts"]["source"].items()},
@@ -219,21 +221,33 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, ca
         if best is None:
             raise RuntimeError(f"run {run_name} produced no checkpoint; see the Ray logs under {tracking.runs_dir() / 'ray_results' / run_name}")
         summary = _finish(best, classes, data_report["label_set"], run_id, mean, std, size, profile, register)
-    return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes, "imbalance": t["imbalance"]}
+    with result.checkpoint.as_directory() as d:
+        last_epoch = json.loads(Path(d, CHECKPOINT_STATE).read_text())["epoch"]
+    resumes = mlflow.MlflowClient().get_metric_history(run_id, "resumed_at_epoch")
+    return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes, "imbalance": t["imbalance"],
+            "last_epoch": last_epoch, "resumed_at_epochs": sorted(int(m.value) for m in resumes)}
 
 
 def _finish(checkpoint, classes, label_set, run_id, mean, std, size, profile, register) -> dict:
-    """Calibrate on validation, log plots and the model, register and promote."""
+    """Calibrate on validation, log plots and the model, register and promote the best checkpoint."""
     import mlflow
 
     from . import registry
     from .plots import confusion_png, curves_png
 
     t = profile["train"]
+    client = mlflow.MlflowClient()
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, CHECKPOINT_STATE).read_text())
         temperature = metrics.fit_temperature(np.array(state["val_logits"]), state["val_labels"])
-        client = mlflow.MlflowClient()
+        summary = {"best_epoch": state["epoch"], "val_macro_f1": state["val_macro_f1"],
+                   "val_accuracy": state["val_accuracy"], "temperature": temperature}
+        existing = registry.version_of_checkpoint(registry.CLIP_MODEL, checkpoint.path) if register else None
+        if existing is not None:  # a rerun of a finished run: this model is registered already
+            aliases = client.get_model_version(registry.CLIP_MODEL, existing.version).aliases
+            return {**summary, "model_uri": f"models:/{registry.CLIP_MODEL}/{existing.version}",
+                    "version": str(existing.version), "alias": aliases[0] if aliases else None}
+
         history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
                    for k in ("train_loss", "val_macro_f1", "val_accuracy")}
         with tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +258,8 @@ def _finish(checkpoint, classes, label_set, run_id, mean, std, size, profile, re
         mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_macro_f1": state["val_macro_f1"],
                             "temperature": temperature})
         base_ref = profile["models"]["clip"]
-        model_config = {"classes": classes, "label_set": label_set, "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
+        model_config = {"classes": classes, "label_set": label_set,
+                        "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
                         "templates": list(t["templates"]), "base_model": base_ref, "image_size": size,
                         "mean": list(mean), "std": list(std), "preprocessing": "decode, 8-bit RGB, letterbox, normalise",
                         "temperature": temperature, "val_macro_f1": state["val_macro_f1"], "epoch": state["epoch"]}
@@ -252,12 +267,25 @@ def _finish(checkpoint, classes, label_set, run_id, mean, std, size, profile, re
         base_dir = models.resolve_model(base_ref, "clip") if base_ref == models.TINY else None
         info = registry.log_classifier(Path(d, "adapter"), model_config, base_dir,
                                        registry.CLIP_MODEL if register else None)
-    summary = {"best_epoch": state["epoch"], "val_macro_f1": state["val_macro_f1"], "val_accuracy": state["val_accuracy"],
-               "temperature": temperature, "model_uri": info.model_uri}
+    summary["model_uri"] = info.model_uri
     if register:
-        version = info.registered_model_version
-        summary.update(version=str(version), alias=registry.promote(registry.CLIP_MODEL, version, state["val_macro_f1"]))
+        version = str(info.registered_model_version)
+        client.set_model_version_tag(registry.CLIP_MODEL, version, "pneumoray.checkpoint", checkpoint.path)
+        summary.update(model_uri=f"models:/{registry.CLIP_MODEL}/{version}", version=version,
+                       alias=registry.promote(registry.CLIP_MODEL, version, state["val_macro_f1"]))
     return summary
+
+
+def _log_params(run, params: dict) -> None:
+    """Log params; a continued run keeps its first values and records what the rerun changed."""
+    import mlflow
+
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+    changed = {k: f"{logged[k]} -> {v}" for k, v in params.items() if k in logged and logged[k] != str(v)}
+    if changed:
+        print(f"[pneumoray] continuing run {run.info.run_name} with changed settings: {changed}")
+        mlflow.set_tag("pneumoray.continued_with", json.dumps(changed))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

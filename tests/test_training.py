@@ -1,0 +1,187 @@
+"""CLIP LoRA training end to end on the tiny profile: real Ray Train, real MLflow (SQLite), real files."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from pneumoray import registry, training
+from pneumoray.data import manifest
+from pneumoray.phantoms import generate_phantoms
+from pneumoray.profiles import load_profile
+
+
+@pytest.fixture(scope="module")
+def phantom_manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    generate_phantoms(root / "data", patients=48, seed=7, size=96)
+    return manifest.write(*manifest.build(root / "data"), root / "manifest.parquet")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A private run folder (SQLite MLflow store, Ray results) for this module."""
+    path = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PNEUMORAY_RUNS", str(path))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield path
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, runs, phantom_manifest):
+    """Two epochs on a normal-vs-virus label set, registered and promoted."""
+    profile = load_profile("tiny", ["train.epochs=2"])
+    frame, report = manifest.load_sources([phantom_manifest], "normal,virus")
+    return training.fit(profile, frame, report, "clip-test"), profile, frame, report
+
+
+def test_run_is_tracked_in_mlflow(trained):
+    summary, _, frame, _ = trained
+    client = mlflow.MlflowClient()
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["train.lora.r"] == "16" and run.data.params["classes"] == "normal,virus"
+    assert run.data.tags["pneumoray.manifest_sha256"] == manifest.content_hash(frame)
+    assert int(run.data.tags["pneumoray.images.phantom"]) == len(frame)
+    assert run.data.tags["pneumoray.imbalance"] == "weighted_loss"
+    history = client.get_metric_history(summary["run_id"], "val_macro_f1")
+    assert sorted(m.step for m in history) == [0, 1]
+    for name in ("train_loss", "val_accuracy", "val_macro_recall", "val_recall_normal", "val_recall_virus"):
+        assert len(client.get_metric_history(summary["run_id"], name)) == 2, name
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
+    assert artifacts == {"plots/confusion_val.png", "plots/training_curves.png"}
+    assert summary["alias"] == "champion" and summary["classes"] == ["normal", "virus"]
+
+
+def test_registered_champion_loads_in_a_fresh_process(trained, runs, phantom_manifest):
+    frame, _ = manifest.read(phantom_manifest)
+    paths = frame[frame.split == "test"].path.head(6).tolist()
+    code = f"""
+import json, mlflow, pandas as pd
+from pneumoray import tracking
+tracking.setup_mlflow()
+model = mlflow.pyfunc.load_model("models:/pneumonia-clip@champion")
+images = [open(p, "rb").read() for p in {paths!r}]
+out = model.predict(pd.DataFrame({{"image": images}}))
+print(json.dumps(out.to_dict(orient="list")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = pd.DataFrame(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert list(out.columns) == ["label", "normal", "virus"] and len(out) == 6
+    assert set(out["label"]) <= {"normal", "virus"}
+    assert (out[["normal", "virus"]].sum(axis=1) - 1).abs().max() < 1e-6
+    assert (out[["normal", "virus"]].idxmax(axis=1) == out["label"]).all()
+
+
+def test_adapter_loads_with_peft(trained):
+    from peft import PeftModel
+
+    from pneumoray import models
+
+    summary = trained[0]
+    local = mlflow.artifacts.download_artifacts(summary["model_uri"])
+    adapter = Path(local) / "artifacts" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    base, _ = models.load_clip("tiny")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert any("vision_model" in n and "q_proj" in n for n in lora)
+    assert any("text_model" in n and "out_proj" in n for n in lora)
+    assert any("visual_projection" in n for n in lora) and any("text_projection" in n for n in lora)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+
+
+def test_rerun_with_the_same_name_continues(trained):
+    summary, profile, frame, report = trained
+    more = training.fit({**profile, "train": {**profile["train"], "epochs": 3}}, frame, report, "clip-test")
+    assert more["run_id"] == summary["run_id"]
+    assert more["resumed_at_epochs"] == [2] and more["last_epoch"] == 2
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(summary["run_id"], "val_macro_f1")]
+    assert sorted(steps) == [0, 1, 2]
+
+
+def test_evaluate_reports_metrics_zero_shot_and_calibration(trained, phantom_manifest, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--model", "models:/pneumonia-clip@champion",
+                           "--data", str(phantom_manifest), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("accuracy", "macro_f1", "macro_recall", "per_class", "confusion_matrix", "ece", "zero_shot"):
+        assert key in result
+    assert set(result["per_class"]) == {"normal", "virus"}
+    assert set(result["per_class"]["virus"]) == {"precision", "recall", "f1", "support"}
+    frame, _ = manifest.read(phantom_manifest)
+    test = frame[frame.split == "test"]
+    assert result["n"] == int(test.label.isin(["normal", "virus"]).sum())
+    assert result["left_out_by_label_set"] == {"bacteria": int((frame.label == "bacteria").sum())}
+    assert {"accuracy", "macro_f1", "ece"} <= set(result["zero_shot"])
+    assert result["temperature_fitted_on"] == "val" and "ece_after_temperature" in result
+    assert "zero-shot" in proc.stdout
+
+
+def test_promotion_and_demotion(trained):
+    """champion only when validation macro-F1 beats the champion's; rollback = moving the alias."""
+    name = "promotion-test"
+    source = trained[0]["model_uri"]
+    versions = [mlflow.register_model(source, name).version for _ in range(4)]
+    assert registry.promote(name, versions[0], 0.50) == "champion"
+    assert registry.promote(name, versions[1], 0.40) == "challenger"
+    assert registry.promote(name, versions[2], 0.50) == "challenger"  # a tie does not dethrone
+    assert registry.promote(name, versions[3], 0.70) == "champion"
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == versions[3]
+    client.set_registered_model_alias(name, "champion", versions[0])  # rollback
+    assert client.get_model_version_by_alias(name, "champion").version == versions[0]
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(runs, phantom_manifest, tmp_path):
+    """A real SIGKILL of the Ray Train worker mid-run; FailureConfig restarts it from the checkpoint."""
+    cmd = [sys.executable, "-m", "jobs.train", "--profile", "tiny", "--data", str(phantom_manifest),
+           "--run-name", "clip-killed", "--set", "train.epochs=6", "--no-register", "--out", str(tmp_path / "summary.json")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    # Ray prefixes the worker's log lines with its pid. Kill it once the controller has registered a
+    # checkpoint (its snapshot file names the latest), so there is one to resume from.
+    worker = re.compile(r"\(RayTrainWorker pid=(\d+)\)")
+    snapshot = runs / "ray_results" / "clip-killed" / "checkpoint_manager_snapshot.json"
+    killed = registered = None
+    deadline = time.time() + 400
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        pids = [int(m.group(1)) for line in list(lines) if (m := worker.search(line))]
+        if pids and snapshot.exists():
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+            if latest:
+                registered = latest["metrics"]["epoch"]
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    proc.wait(timeout=600)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert killed is not None, "never saw a registered checkpoint:\n" + output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    assert "[FailurePolicy] RETRY" in output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Resumed after the registered checkpoint we saw (or the next one, if it landed before the kill).
+    assert len(summary["resumed_at_epochs"]) == 1, output[-3000:]
+    assert registered + 1 <= summary["resumed_at_epochs"][0] <= registered + 2
+    assert summary["last_epoch"] == 5
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "val_macro_f1")]
+    assert sorted(set(steps)) == list(range(6))
