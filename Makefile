@@ -18,9 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The end-to-end demo on the embedded default (phantoms, tiny models); each stage resumes on a rerun.
+# Grows into `python -m jobs.pipeline` (issue 7).
+DEMO := runs/demo
 demo: $(STAMP)
-	$(PY) -m jobs.phantoms --out runs/demo/phantoms
-	$(PY) -m jobs.prepare --data runs/demo/phantoms --out runs/demo/manifest.parquet
+	$(PY) -m jobs.phantoms --out $(DEMO)/phantoms
+	$(PY) -m jobs.prepare --data $(DEMO)/phantoms --out $(DEMO)/manifest.parquet
+	PNEUMORAY_RUNS=$(DEMO) $(PY) -m jobs.train --profile tiny --data $(DEMO)/manifest.parquet --run-name demo --out $(DEMO)/train.json
+	PNEUMORAY_RUNS=$(DEMO) $(PY) -m jobs.evaluate --model models:/pneumonia-clip@champion --data $(DEMO)/manifest.parquet --out $(DEMO)/test_metrics.json
+	@echo "MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db --host 127.0.0.1"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -185,3 +185,18 @@ def test_killed_worker_resumes_from_its_last_checkpoint(runs, phantom_manifest, 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(summary["run_id"], "val_macro_f1")]
     assert sorted(set(steps)) == list(range(6))
+
+
+def test_tiny_profile_learns_the_default_phantom_set(ray_local, tmp_path, monkeypatch):
+    """The acceptance bar: test macro-F1 >= 0.90 on the default phantom set, with the default profile."""
+    from pneumoray import evaluation
+
+    monkeypatch.setenv("PNEUMORAY_RUNS", str(tmp_path / "runs"))
+    generate_phantoms(tmp_path / "phantoms")
+    profile = load_profile("tiny")
+    frame, report = manifest.load_sources([tmp_path / "phantoms"], profile["data"]["classes"])
+    summary = training.fit(profile, frame, report, "learns", register=False)
+    result = evaluation.evaluate(summary["model_uri"], str(tmp_path / "phantoms"), "test")
+    assert result["n"] == int((frame.split == "test").sum())
+    assert result["macro_f1"] >= 0.90, result
+    assert result["zero_shot"]["macro_f1"] < 0.6  # what the adapter added, not what the base knew
