@@ -166,7 +166,7 @@ def test_class_ratio_follows_kermany():
     for p in plans:
         n_images[p.cls] += len(p.files)
     all_images = sum(n_images.values())
-    assert 500 <= all_images <= 700
+    assert 1000 <= all_images <= 1300  # the default: enough to learn (issue 3), small enough for a quick demo
     for cls in P.CLASSES:
         assert abs(n_images[cls] / all_images - P.KERMANY_COUNTS[cls] / total) < 0.05, n_images
         members = [p for p in plans if p.cls == cls]

@@ -132,6 +132,20 @@ def test_evaluate_reports_metrics_zero_shot_and_calibration(trained, phantom_man
     assert "zero-shot" in proc.stdout
 
 
+def test_evaluate_a_folder_holding_only_a_test_split(trained, phantom_manifest, tmp_path):
+    import shutil
+
+    frame, _ = manifest.read(phantom_manifest)
+    source = Path(frame.path.iloc[0]).parents[2]  # .../data/{train,test}/{NORMAL,PNEUMONIA}/file
+    shutil.copytree(source / "test", tmp_path / "only_test" / "test")
+    from pneumoray import evaluation
+
+    result = evaluation.evaluate("models:/pneumonia-clip@champion", str(tmp_path / "only_test"))
+    assert result["n"] == int(((frame.split == "test") & frame.label.isin(["normal", "virus"])).sum())
+    assert result["temperature_fitted_on"] == "training-time validation"
+    assert result["left_out_by_label_set"] == {"bacteria": int(((frame.split == "test") & (frame.label == "bacteria")).sum())}
+
+
 def test_promotion_and_demotion(trained):
     """champion only when validation macro-F1 beats the champion's; rollback = moving the alias."""
     name = "promotion-test"

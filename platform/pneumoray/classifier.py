@@ -69,11 +69,11 @@ def class_logits(model, pixel_values: torch.Tensor, bank: PromptBank) -> torch.T
     """(B, C) logits: CLIP's logit scale times cosine(image, class prompt)."""
     image = F.normalize(clip_features(model, pixel_values=pixel_values), dim=-1)
     text = class_text_embeddings(model, bank)
-    scale = _base(model).logit_scale.exp()
+    scale = base_model(model).logit_scale.exp()
     return scale * image @ text.t()
 
 
-def _base(model):
+def base_model(model):
     """The CLIPModel inside a peft (and possibly DDP) wrapper."""
     while hasattr(model, "module") and not hasattr(model, "logit_scale"):
         model = model.module  # DDP

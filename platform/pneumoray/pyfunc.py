@@ -41,7 +41,7 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
             self.text = classifier.class_text_embeddings(self.model, bank)
             with self.model.disable_adapter():
                 self.text_zero_shot = classifier.class_text_embeddings(self.model, bank)
-        self.scale = classifier._base(self.model).logit_scale.exp().item()
+        self.scale = classifier.base_model(self.model).logit_scale.exp().item()
         return self
 
     def pixels(self, encoded: list[bytes]) -> np.ndarray:

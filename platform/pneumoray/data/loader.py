@@ -18,13 +18,11 @@ def _preprocess_batch(batch: dict, size: int, mean, std) -> dict:
     return {"pixel_values": pixels, "label": batch["label"].astype(np.int64)}
 
 
-def image_dataset(frame: pd.DataFrame, classes: list[str], size: int, mean, std,
-                  shuffle_seed: int | None = None) -> ray.data.Dataset:
+def image_dataset(frame: pd.DataFrame, classes: list[str], size: int, mean, std) -> ray.data.Dataset:
     """A Ray Dataset of model-ready tensors for the rows of `frame` (one split of a manifest)."""
     index = {c: i for i, c in enumerate(classes)}
     rows = pd.DataFrame({"path": frame["path"].astype(str), "label": frame["class"].map(index).astype(np.int64)})
-    ds = ray.data.from_pandas(rows)
-    if shuffle_seed is not None:
-        ds = ds.random_shuffle(seed=shuffle_seed)
-    return ds.map_batches(_preprocess_batch, fn_kwargs={"size": size, "mean": tuple(mean), "std": tuple(std)},
-                          batch_size=32, batch_format="numpy")
+    # Shuffling is the consumer's: training shuffles locally per epoch (iter_torch_batches).
+    return ray.data.from_pandas(rows).map_batches(
+        _preprocess_batch, fn_kwargs={"size": size, "mean": tuple(mean), "std": tuple(std)},
+        batch_size=32, batch_format="numpy")
