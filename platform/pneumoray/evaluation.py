@@ -8,6 +8,8 @@ reported before and after it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -44,7 +46,7 @@ def evaluate(model_uri: str, data, split: str = "test") -> dict:
     index = {c: i for i, c in enumerate(clf.classes)}
 
     def logits_of(part: pd.DataFrame, adapter: bool = True):
-        pixels = np.stack([clf.pixels([open(p, "rb").read()])[0] for p in part["path"]])
+        pixels = clf.pixels([Path(p).read_bytes() for p in part["path"]])
         return clf.logits(pixels, adapter=adapter), part["class"].map(index).to_numpy()
 
     logits, y = logits_of(rows)
