@@ -67,10 +67,13 @@ def class_text_embeddings(model, bank: PromptBank) -> torch.Tensor:
 
 def class_logits(model, pixel_values: torch.Tensor, bank: PromptBank) -> torch.Tensor:
     """(B, C) logits: CLIP's logit scale times cosine(image, class prompt)."""
+    return logits_against(model, pixel_values, class_text_embeddings(model, bank))
+
+
+def logits_against(model, pixel_values: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, C) logits against given (C, D) unit class embeddings (inference encodes them once)."""
     image = F.normalize(clip_features(model, pixel_values=pixel_values), dim=-1)
-    text = class_text_embeddings(model, bank)
-    scale = base_model(model).logit_scale.exp()
-    return scale * image @ text.t()
+    return base_model(model).logit_scale.exp() * image @ text.t()
 
 
 def base_model(model):

@@ -41,7 +41,6 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
             self.text = classifier.class_text_embeddings(self.model, bank)
             with self.model.disable_adapter():
                 self.text_zero_shot = classifier.class_text_embeddings(self.model, bank)
-        self.scale = classifier.base_model(self.model).logit_scale.exp().item()
         return self
 
     def pixels(self, encoded: list[bytes]) -> np.ndarray:
@@ -55,14 +54,11 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
         for i in range(0, len(pixels), batch_size):
             x = torch.as_tensor(pixels[i:i + batch_size], device=self.device)
             if adapter:
-                feats = models.clip_features(self.model, pixel_values=x)
-                text = self.text
+                logits = classifier.logits_against(self.model, x, self.text)
             else:
                 with self.model.disable_adapter():
-                    feats = models.clip_features(self.model, pixel_values=x)
-                text = self.text_zero_shot
-            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-            out.append((self.scale * feats @ text.t().float()).cpu().numpy())
+                    logits = classifier.logits_against(self.model, x, self.text_zero_shot)
+            out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def to_frame(self, logits: np.ndarray) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """Where runs, checkpoints and the MLflow store live.
 
-MLFLOW_TRACKING_URI wins (a server started by `python -m pneumoray.stack`, or any other); without it
+MLFLOW_TRACKING_URI wins (an MLflow server, say); without it
 runs go to an embedded SQLite store in the project's run folder (PNEUMORAY_RUNS, default ./runs),
 with artifacts beside it.
 """

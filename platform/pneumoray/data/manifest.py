@@ -233,7 +233,7 @@ def load_sources(sources, classes=None, val_fraction: float = 0.15, seed: int = 
     mapping = parse_classes(classes) if classes is not None else reports[0]["label_set"]
     frame = pd.concat(frames, ignore_index=True)
     frame.loc[frame["source"] == "synthetic", "split"] = "train"
-    if frame["sha256"].duplicated().any() and len(sources) > 1:
+    if len(sources) > 1:
         frame = frame.drop_duplicates("sha256", ignore_index=True)  # the same image given twice
     report = {**reports[0], "data": [r["data"] for r in reports], "images": len(frame), "counts": summarize(frame),
               "classes": class_names(mapping), "label_set": mapping,
