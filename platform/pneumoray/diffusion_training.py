@@ -1,0 +1,226 @@
+"""Stable Diffusion LoRA fine-tuning on Ray Train, tracked in MLflow, registered as `pneumonia-sd-lora`.
+
+One adapter for all classes, conditioned on the class prompt ("An image of {label} chest X-ray").
+The driver turns the manifest's training and validation rows into Ray Datasets of VAE-ready pixels
+and a TorchTrainer; each worker loads the pipeline, adds the LoRA (``diffusion.add_unet_lora``) and
+trains on the diffusion objective (``diffusion.train_step``). After every epoch it scores the
+validation images with a fixed-seed diffusion loss (same latents, noise and timesteps every time,
+so epochs compare) and reports a checkpoint holding the adapter in diffusers' format, the optimizer
+and the epoch. Crashes restart from the last checkpoint; the same run name continues the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import diffusion, models
+from .data.manifest import DataError, content_hash
+
+SD_MODEL = "pneumonia-sd-lora"
+STATE = "state.json"
+VAL_SEED = 1234  # fixes the VAE samples, noise and timesteps of the validation loss
+
+
+# ----------------------------------------------------------------------------- on each worker
+
+def _val_loss(parts, val_shard, texts, cfg, device, autocast) -> float:
+    """Mean fixed-seed diffusion loss over the validation images (no grad, eval mode)."""
+    parts.unet.eval()
+    losses, weights = [], []
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        for i, batch in enumerate(val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device)):
+            text = texts[batch["label"]]
+            loss = diffusion.diffusion_loss(parts, batch["pixel_values"], text, generator=VAL_SEED + i)
+            losses.append(float(loss))
+            weights.append(len(batch["label"]))
+    return float(np.average(losses, weights=weights)) if losses else float("nan")
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from diffusers.optimization import get_scheduler
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .training import _log_epoch, _mlflow_client
+
+    torch.manual_seed(cfg["seed"])
+    if not torch.cuda.is_available():  # CPU workers: one thread per reserved core, no oversubscription
+        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    # Frozen weights in half precision on GPU (the VAE in fp32: fp16 SD VAEs overflow); LoRA in fp32.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"]) if on_gpu else None
+    pipe = models.load_sd_pipeline(cfg["model"], dtype=half)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(device, dtype=torch.float32)
+    pipe.text_encoder.to(device)
+    pipe.unet.to(device)
+    params = diffusion.add_unet_lora(pipe.unet, cfg["lora"])
+    if cfg["gradient_checkpointing"]:
+        diffusion.enable_memory_savers(pipe.unet)
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    total = cfg["steps_per_epoch"] * cfg["epochs"]
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=min(cfg["warmup_steps"], total),
+                              num_training_steps=total)
+    scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            weights = load_file(os.path.join(d, "lora", diffusion.LORA_WEIGHTS))
+            set_peft_model_state_dict(pipe.unet, {k.removeprefix("unet."): v for k, v in weights.items()})
+            saved = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            start_epoch = json.loads(Path(d, STATE).read_text())["epoch"] + 1
+        print(f"[pneumoray] resuming SD LoRA from the checkpoint of epoch {start_epoch - 1}")
+
+    unet = ray.train.torch.prepare_model(pipe.unet, move_to_device=False)  # DDP when several workers
+    parts = diffusion.training_parts(pipe, unet=unet, prediction_type=cfg.get("prediction_type"))
+    texts = diffusion.encode_prompts(pipe, cfg["prompts"]).to(device)  # one per class, encoded once
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    client = _mlflow_client(cfg) if rank == 0 else None
+    if client and start_epoch:
+        _log_epoch(client, cfg["mlflow_run_id"], {"resumed_at_epoch": start_epoch}, start_epoch)
+    if client and start_epoch == 0:  # the untrained adapter's score: what training must beat
+        _log_epoch(client, cfg["mlflow_run_id"],
+                   {"val_loss_initial": _val_loss(parts, val_shard, texts, cfg, device, half)}, 0)
+
+    gen = torch.Generator(device=device)
+    for epoch in range(start_epoch, cfg["epochs"]):
+        gen.manual_seed(cfg["seed"] * 100_003 + epoch)  # a resumed epoch draws the same noise
+        losses = []
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device,
+                                                    local_shuffle_buffer_size=cfg["shuffle_buffer"],
+                                                    local_shuffle_seed=cfg["seed"] + epoch):
+            losses.append(diffusion.train_step(parts, batch["pixel_values"], texts[batch["label"]], optimizer,
+                                               generator=gen, autocast_dtype=half, scaler=scaler,
+                                               max_grad_norm=cfg["max_grad_norm"]))
+            scheduler.step()
+        epoch_metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                         "val_loss": _val_loss(parts, val_shard, texts, cfg, device, half),
+                         "lr": scheduler.get_last_lr()[0]}
+        if client:
+            _log_epoch(client, cfg["mlflow_run_id"], epoch_metrics, epoch)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                diffusion.save_lora(unet, Path(d, "lora"))
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                           os.path.join(d, "optimizer.pt"))
+                Path(d, STATE).write_text(json.dumps(epoch_metrics))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(epoch_metrics, checkpoint=ckpt)
+
+
+# ----------------------------------------------------------------------------- on the driver
+
+def _pixels_batch(batch: dict, size: int, classes: list[str]) -> dict:
+    return {"pixel_values": np.stack([diffusion.to_sd_pixels(p, size).numpy() for p in batch["path"]]),
+            "label": np.array([classes.index(c) for c in batch["class"]], dtype=np.int64)}
+
+
+def _dataset(rows: pd.DataFrame, classes: list[str], size: int, materialize: bool):
+    import ray.data
+
+    ds = ray.data.from_pandas(rows[["path", "class"]].reset_index(drop=True)).map_batches(
+        _pixels_batch, fn_kwargs={"size": size, "classes": classes}, batch_size=64)
+    return ds.materialize() if materialize else ds
+
+
+def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, register: bool = True) -> dict:
+    """Fine-tune the SD LoRA, log it, register it; returns a summary of the run."""
+    import mlflow
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from . import tracking
+    from .training import _flatten, _log_params
+
+    cfg, hw = profile["diffusion"], profile["hardware"]
+    classes = data_report["classes"]
+    # Real images only: an adapter trained on its own output drifts (and the test split never enters).
+    real = frame[frame["source"] != "synthetic"]
+    train_rows, val_rows = real[real["split"] == "train"], real[real["split"] == "val"]
+    if train_rows.empty or val_rows.empty:
+        raise DataError(f"need real training and validation images, got {len(train_rows)} and {len(val_rows)}")
+    size = int(cfg["resolution"])
+    prompts = [diffusion.prompt_for(c, cfg["template"]) for c in classes]
+    n_workers = int(hw["num_workers"])
+    steps_per_epoch = -(-len(train_rows) // (int(cfg["batch_size"]) * n_workers))
+
+    with tracking.find_or_start_run(run_name, **{"pneumoray.stage": "finetune_diffusion"}) as run:
+        run_id = run.info.run_id
+        _log_params(run, _flatten({"diffusion": cfg, "hardware": hw, "models.sd": profile["models"]["sd"],
+                                   "classes": ",".join(classes)}))
+        mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
+                         "pneumoray.images.train": len(train_rows), "pneumoray.images.val": len(val_rows)})
+        worker_cfg = {**cfg, "model": profile["models"]["sd"], "prompts": prompts, "classes": classes,
+                      "steps_per_epoch": steps_per_epoch, "cpus_per_worker": hw["cpus_per_worker"],
+                      "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri()}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=worker_cfg,
+            scaling_config=ray.train.ScalingConfig(num_workers=n_workers, use_gpu=bool(hw["use_gpu"]),
+                                                   resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
+                                                                         **({"GPU": 1} if hw["use_gpu"] else {})}),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=str(tracking.runs_dir() / "ray_results"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
+                                                             checkpoint_score_order="min"),
+                failure_config=ray.train.FailureConfig(max_failures=int(cfg["max_failures"])),
+            ),
+            datasets={"train": _dataset(train_rows, classes, size, cfg["materialize"]),
+                      "val": _dataset(val_rows, classes, size, cfg["materialize"])},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+        best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else result.checkpoint
+        if best is None:
+            raise RuntimeError(f"run {run_name} produced no checkpoint; see {tracking.runs_dir() / 'ray_results' / run_name}")
+        summary = _finish(best, profile, classes, prompts, run_id, register)
+    initial = mlflow.MlflowClient().get_metric_history(run_id, "val_loss_initial")
+    return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes,
+            "val_loss_initial": initial[0].value if initial else None}
+
+
+def _finish(checkpoint, profile, classes, prompts, run_id, register) -> dict:
+    """Log the best checkpoint's adapter as the generator model and register it (once)."""
+    import mlflow
+
+    from . import registry
+    from .generation import log_generator
+
+    cfg = profile["diffusion"]
+    with checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE).read_text())
+        summary = {"best_epoch": state["epoch"], "val_loss": state["val_loss"], "train_loss": state["train_loss"]}
+        existing = registry.version_of_checkpoint(SD_MODEL, checkpoint.path) if register else None
+        if existing is not None:  # a rerun of a finished run: already registered
+            return {**summary, "model_uri": f"models:/{SD_MODEL}/{existing.version}", "version": str(existing.version)}
+        mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_loss": state["val_loss"]})
+        base_ref = profile["models"]["sd"]
+        config = {"base_model": base_ref, "classes": classes, "prompts": dict(zip(classes, prompts)),
+                  "template": cfg["template"], "resolution": int(cfg["resolution"]), "lora": cfg["lora"],
+                  "epoch": state["epoch"], "val_loss": state["val_loss"]}
+        base_dir = models.resolve_model(base_ref, "sd") if base_ref == models.TINY else None
+        info = log_generator(Path(d, "lora"), config, base_dir, SD_MODEL if register else None)
+    summary["model_uri"] = info.model_uri
+    if register:
+        version = str(info.registered_model_version)
+        mlflow.MlflowClient().set_model_version_tag(SD_MODEL, version, "pneumoray.checkpoint", checkpoint.path)
+        summary.update(model_uri=f"models:/{SD_MODEL}/{version}", version=version)
+    return summary
