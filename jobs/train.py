@@ -3,14 +3,16 @@
     python -m jobs.train --profile tiny --data DIR_OR_MANIFEST [--data MORE ...] [--classes normal,virus]
                          [--run-name NAME] [--set train.epochs=5]
 
-Running again with the same --run-name continues that run from its last checkpoint.
+Running again with the same --run-name continues that run from its last checkpoint. With synthetic
+sources, train.synthetic decides whether they are used (default if_not_worse: train with and without
+them and keep them only if validation macro-F1 does not drop).
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from pneumoray import training
+from pneumoray import synthetic
 from pneumoray.cli import add_profile_args, profile_from, user_errors
 from pneumoray.data import manifest
 
@@ -29,8 +31,8 @@ def main(argv=None):
         profile = profile_from(args)
         d = profile["data"]
         frame, report = manifest.load_sources(args.data, args.classes or d["classes"], d["val_fraction"], d["split_seed"])
-    summary = training.fit(profile, frame, report, args.run_name or f"clip-{profile['name']}",
-                           register=not args.no_register)
+    summary = synthetic.fit(profile, frame, report, args.run_name or f"clip-{profile['name']}",
+                            register=not args.no_register)
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,66 @@
+"""Whether synthetic images earn their place in the training set (the paper's question).
+
+``train.synthetic`` in the profile decides what jobs.train does with synthetic sources:
+- ``always``: train on real + synthetic (the paper's choice);
+- ``never``: drop the synthetic rows;
+- ``if_not_worse`` (the default): train twice, without and with them, and keep the synthetic images
+  only when validation macro-F1 does not drop. Both runs see the same real validation split (synthetic
+  rows only ever join the training split), so the comparison is like for like; the test split is
+  not looked at. Only the chosen model is registered and goes through the usual promotion.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+
+from . import registry, training
+from .data.manifest import summarize
+
+POLICIES = ("always", "if_not_worse", "never")
+
+
+def _subset_report(report: dict, frame: pd.DataFrame) -> dict:
+    return {**report, "images": len(frame), "counts": summarize(frame)}
+
+
+def register_logged(model_uri: str, run_id: str, score: float) -> tuple[str, str]:
+    """(version, alias) for a model logged but not registered; a rerun finds the version it made."""
+    client = mlflow.MlflowClient()
+    found = client.search_model_versions(f"name = '{registry.CLIP_MODEL}' and run_id = '{run_id}'")
+    if found:
+        version = max(found, key=lambda v: int(v.version))
+        aliases = client.get_model_version(registry.CLIP_MODEL, version.version).aliases
+        return str(version.version), aliases[0] if aliases else None
+    version = str(mlflow.register_model(model_uri, registry.CLIP_MODEL).version)
+    return version, registry.promote(registry.CLIP_MODEL, version, score)
+
+
+def fit(profile: dict, frame: pd.DataFrame, report: dict, run_name: str, register: bool = True) -> dict:
+    """training.fit under the profile's synthetic-data policy; the summary says what was decided."""
+    policy = profile["train"].get("synthetic", "if_not_worse")
+    if policy not in POLICIES:
+        raise ValueError(f"train.synthetic is {policy!r}; use one of {POLICIES}")
+    is_synthetic = frame["source"] == "synthetic"
+    n_synthetic = int(is_synthetic.sum())
+    if n_synthetic == 0 or policy == "always":
+        summary = training.fit(profile, frame, report, run_name, register=register)
+        return {**summary, "synthetic": {"policy": policy, "images": n_synthetic, "admitted": n_synthetic > 0}}
+    real = frame[~is_synthetic].reset_index(drop=True)
+    if policy == "never":
+        summary = training.fit(profile, real, _subset_report(report, real), run_name, register=register)
+        return {**summary, "synthetic": {"policy": policy, "images": n_synthetic, "admitted": False}}
+
+    without = training.fit(profile, real, _subset_report(report, real), f"{run_name}-real-only", register=False)
+    with_ = training.fit(profile, frame, report, f"{run_name}-with-synthetic", register=False)
+    admitted = with_["val_macro_f1"] >= without["val_macro_f1"]
+    chosen = dict(with_ if admitted else without)
+    print(f"[pneumoray] synthetic images {'admitted' if admitted else 'left out'}: validation macro-F1 "
+          f"{with_['val_macro_f1']:.4f} with them vs {without['val_macro_f1']:.4f} without")
+    if register:
+        version, alias = register_logged(chosen["model_uri"], chosen["run_id"], chosen["val_macro_f1"])
+        chosen.update(model_uri=f"models:/{registry.CLIP_MODEL}/{version}", version=version, alias=alias)
+    decision = {"policy": policy, "images": n_synthetic, "admitted": admitted,
+                "val_macro_f1_with": with_["val_macro_f1"], "val_macro_f1_without": without["val_macro_f1"],
+                "with_synthetic": with_, "without_synthetic": without}
+    return {**chosen, "synthetic": decision}
