@@ -1,0 +1,564 @@
+"""What the Ray Serve endpoint (serve/app.py) is made of, kept here so it reads and tests on its own.
+
+* Settings: a `serve` section with defaults below, merged under the profile's own `serve:` (if it has
+  one) so `--set serve.poll_s=2` works like any profile override; the profile's `hardware.use_gpu`
+  picks CPU or GPU replicas.
+* Uploads, safely: the body is read in memory up to a size limit (no temporary files, ever);
+  multipart is parsed in memory; an image's format is sniffed from its bytes (JPEG, PNG, DICOM only)
+  and its declared size is checked before any pixel is decoded; decompression bombs are errors.
+  Every problem is a `ClientError` with an HTTP status and a message that names the fix.
+* `ModelHolder`: follows a registry alias (`models:/pneumonia-clip@champion`). A background thread
+  polls the registry, loads a new version off the request path and swaps it in with one reference
+  assignment; each request takes one snapshot (`holder.current`) and is answered by that version.
+* `infer_batch`: the model's compute for a dynamic batch, with the registered pyfunc's own
+  preprocessing and logits (`unwrap_python_model()`), not a re-implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import images
+
+log = logging.getLogger("pneumoray.serving")
+
+DEFAULT_MODEL = "models:/pneumonia-clip@champion"
+TOKEN_ENV = "PNEUMORAY_SERVE_TOKEN"
+
+# The `serve` section of a profile: these defaults, then the profile's own values, then --set.
+SERVE_DEFAULTS = {
+    "model": DEFAULT_MODEL,
+    "poll_s": 5.0,                  # how often the registry alias is checked
+    "max_body_mb": 20.0,            # request body limit (413 above it)
+    "max_pixels": 40_000_000,       # declared width x height limit (413 above it); 40 MP covers radiographs
+    "max_batch_files": 32,          # images per /v1/classify/batch request
+    "max_batch_size": 8,            # @serve.batch: images per model call
+    "batch_wait_ms": 20.0,          # @serve.batch: how long a batch waits to fill
+    "decode_concurrency": 2,        # images decoded at once per replica (bounds decode memory)
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 4,   # autoscaling target per replica
+    "max_ongoing_requests": 32,
+    "max_queued_requests": 256,     # beyond this the proxy answers 503 instead of queueing forever
+    "cpus_per_replica": 1,
+    "health_check_period_s": 5.0,
+    "token_env": TOKEN_ENV,         # the bearer token's environment variable (auth is off when unset)
+}
+
+
+class ClientError(Exception):
+    """A request the service cannot answer as sent; status is a 4xx, message names problem and fix."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ------------------------------------------------------------------------------------ settings
+
+def serve_profile(profile: dict, overrides=()) -> dict:
+    """The profile with a complete `serve` section; overrides (`serve.poll_s=2`, `hardware.use_gpu=true`) applied."""
+    from .profiles import apply_overrides
+
+    profile = copy.deepcopy(profile)
+    profile["serve"] = {**SERVE_DEFAULTS, **(profile.get("serve") or {})}
+    return apply_overrides(profile, overrides)
+
+
+def replica_settings(profile: dict, tracking_uri: str, model: str | None = None, token: str | None = None) -> dict:
+    """What each replica is constructed with: plain values, passed explicitly (replicas are other processes).
+
+    The token itself never travels: only its SHA-256, compared in constant time.
+    """
+    s = profile["serve"]
+    settings = {k: s[k] for k in ("poll_s", "max_body_mb", "max_pixels", "max_batch_files", "max_batch_size",
+                                  "batch_wait_ms", "decode_concurrency", "token_env")}
+    settings.update(model=model or s["model"], tracking_uri=tracking_uri, token_sha256=token_digest(token),
+                    profile=profile.get("name"), use_gpu=bool(profile.get("hardware", {}).get("use_gpu")))
+    return settings
+
+
+def deployment_options(profile: dict) -> dict:
+    """Ray Serve deployment options: autoscaling, concurrency, CPU or GPU replicas by `hardware.use_gpu`."""
+    s = profile["serve"]
+    use_gpu = bool(profile.get("hardware", {}).get("use_gpu"))
+    if int(s["min_replicas"]) > int(s["max_replicas"]):
+        from .profiles import ProfileError
+        raise ProfileError(f"serve.min_replicas ({s['min_replicas']}) is above serve.max_replicas ({s['max_replicas']})")
+    return {
+        "autoscaling_config": {
+            "min_replicas": int(s["min_replicas"]),
+            "max_replicas": int(s["max_replicas"]),
+            "target_ongoing_requests": float(s["target_ongoing_requests"]),
+            "upscale_delay_s": 10.0,
+            "downscale_delay_s": 120.0,
+        },
+        "max_ongoing_requests": int(s["max_ongoing_requests"]),
+        "max_queued_requests": int(s["max_queued_requests"]),
+        "ray_actor_options": {"num_cpus": float(s["cpus_per_replica"]), "num_gpus": 1 if use_gpu else 0},
+        "health_check_period_s": float(s["health_check_period_s"]),
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 20.0,
+    }
+
+
+# ------------------------------------------------------------------------------------ auth
+
+def token_digest(token: str | None) -> str | None:
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def check_bearer(header: str | None, expected_sha256: str | None, token_env: str = TOKEN_ENV) -> None:
+    """Raise ClientError(401) unless auth is off or the Authorization header carries the token."""
+    if not expected_sha256:
+        return
+    scheme, _, presented = (header or "").partition(" ")
+    if not header:
+        raise ClientError(401, f"missing bearer token: send the header 'Authorization: Bearer <token>' "
+                               f"(the token the server was given in {token_env})")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise ClientError(401, "malformed Authorization header: write it as 'Authorization: Bearer <token>'")
+    # Equal-length digests compared in constant time: no timing hint about the token.
+    if not hmac.compare_digest(hashlib.sha256(presented.strip().encode()).hexdigest(), expected_sha256):
+        raise ClientError(401, f"invalid bearer token: it does not match the server's {token_env}")
+
+
+# ------------------------------------------------------------------------------------ request bodies
+
+RAW_TYPES = ("image/jpeg", "image/jpg", "image/png", "application/dicom", "application/octet-stream")
+HOW_TO_SEND = ("send the image as the multipart form field 'file' (curl -F file=@xray.jpeg URL) or as the "
+               "raw body with Content-Type image/jpeg, image/png or application/dicom "
+               "(curl --data-binary @xray.jpeg -H 'Content-Type: image/jpeg' URL)")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def body_kind(content_type: str | None, batch: bool = False) -> str:
+    """'multipart' or 'raw' from the Content-Type header, before any of the body is read; else 415."""
+    from python_multipart.multipart import parse_options_header
+
+    ctype = parse_options_header(content_type)[0].decode("latin-1")
+    if ctype == "multipart/form-data":
+        return "multipart"
+    if batch:
+        raise ClientError(415, f"Content-Type {ctype or '(none)'} is not accepted here: send the images as "
+                               "multipart/form-data, one field 'file' per image "
+                               "(curl -F file=@a.jpeg -F file=@b.png URL)")
+    if ctype in RAW_TYPES or (ctype.startswith("image/") and ctype != "image/svg+xml"):
+        return "raw"
+    hint = " (curl --data-binary sends that unless you set -H 'Content-Type: image/jpeg')" \
+        if ctype == "application/x-www-form-urlencoded" else ""
+    raise ClientError(415, f"Content-Type {ctype or '(none)'} is not accepted{hint}: {HOW_TO_SEND}")
+
+
+async def read_limited(chunks, content_length: str | None, limit: int) -> bytes:
+    """The whole body, in memory, or 413 as soon as it passes `limit` bytes (declared or streamed)."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise ClientError(400, f"bad Content-Length header {content_length!r}") from None
+        if declared > limit:
+            raise ClientError(413, f"request body is {_mb(declared)}, over the {_mb(limit)} limit: "
+                                   "send a smaller file (downscale or recompress the image)")
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) > limit:
+            raise ClientError(413, f"request body is over the {_mb(limit)} limit: "
+                                   "send a smaller file (downscale or recompress the image)")
+    return bytes(buf)
+
+
+@dataclass
+class Part:
+    name: str
+    filename: str | None
+    data: bytearray = field(default_factory=bytearray)
+
+
+def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
+    """multipart/form-data parsed in memory (python-multipart's streaming parser, no temp files)."""
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import parse_options_header
+
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise ClientError(400, "multipart/form-data without a boundary: let your HTTP client build the "
+                               "form (curl -F file=@xray.jpeg URL) rather than setting Content-Type by hand")
+    parts: list[Part] = []
+    state = {"field": b"", "value": b"", "headers": {}, "ended": False}
+
+    def on_part_begin():
+        if len(parts) >= max_parts:
+            raise ClientError(413, f"too many form fields (more than {max_parts}): send at most {max_parts - 1} images per request (split the batch)")
+        state["headers"] = {}
+
+    def on_header_field(data, start, end):
+        state["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        state["headers"][state["field"].decode("latin-1").lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished():
+        disposition, options = parse_options_header(state["headers"].get("content-disposition"))
+        name = options.get(b"name")
+        if disposition != b"form-data" or name is None:
+            raise ClientError(400, "a multipart part has no 'Content-Disposition: form-data; name=...' header: "
+                                   "build the form with your HTTP client (curl -F file=@xray.jpeg URL)")
+        filename = options.get(b"filename")
+        parts.append(Part(name.decode("utf-8", "replace"), filename.decode("utf-8", "replace") if filename is not None else None))
+
+    def on_part_data(data, start, end):
+        parts[-1].data += data[start:end]
+
+    def on_end():
+        state["ended"] = True
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+                 "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+                 "on_part_data": on_part_data, "on_end": on_end}
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise ClientError(400, f"malformed multipart body ({e}): build the form with your HTTP client "
+                               "(curl -F file=@xray.jpeg URL)") from None
+    if not state["ended"]:
+        raise ClientError(400, "incomplete multipart body (no closing boundary): the upload was cut off; send it again")
+    return parts
+
+
+def files_from(parts: list[Part], single: bool) -> list[Part]:
+    """The parts named `file`; 400 naming what came instead when there are none (or several for `single`)."""
+    files = [p for p in parts if p.name == "file"]
+    if not files:
+        got = ", ".join(sorted({repr(p.name) for p in parts})) or "none"
+        raise ClientError(400, f"no form field 'file' (got fields: {got}): name the upload field 'file' "
+                               "(curl -F file=@xray.jpeg URL)")
+    if single and len(files) > 1:
+        raise ClientError(400, f"{len(files)} files in one request to /v1/classify: send one, "
+                               "or use /v1/classify/batch for several")
+    return files
+
+
+# ------------------------------------------------------------------------------------ images
+
+# Magic numbers: what the bytes are, named in the error before any decoder looks at them.
+_MAGIC = [
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
+]
+
+
+def sniff(data: bytes) -> str | None:
+    if images.is_dicom(data):
+        return "DICOM"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypavif", b"ftypmif1"):
+        return "HEIF/AVIF"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def harden_pil(max_pixels: int) -> None:
+    """Decompression bombs become errors (process-wide: call it once in the serving process).
+
+    PIL warns above MAX_IMAGE_PIXELS and raises above twice that; with the warning an error too,
+    any image over max_pixels fails in Image.open, before decoding. check_image's own declared-size
+    check comes first and does not depend on the warnings filter.
+    """
+    import warnings
+
+    from PIL import Image, ImageFile
+
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def _too_many_pixels(width: int, height: int, frames: int, max_pixels: int) -> ClientError:
+    what = f"{width} x {height}" + (f" x {frames} frames" if frames > 1 else "")
+    return ClientError(413, f"image is {what} = {width * height * frames / 1e6:.1f} megapixels, over the "
+                            f"{max_pixels / 1e6:.1f} megapixel limit: downscale it (the classifier looks at a few hundred pixels a side at most)")
+
+
+def _bomb(e: Exception, max_pixels: int) -> ClientError:
+    """PIL refused the declared size in Image.open (harden_pil makes its limit ours)."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
+    return ClientError(413, f"image declares {size}, over the {max_pixels / 1e6:.1f} megapixel limit (refused before "
+                            "decoding, as a possible decompression bomb): downscale it")
+
+
+def check_image(data: bytes, max_pixels: int) -> str:
+    """Format of an upload (JPEG, PNG or DICOM) after checking its declared size; no pixel is decoded here."""
+    if not data:
+        raise ClientError(400, "the image is empty (0 bytes): send the file's content")
+    kind = sniff(data)
+    if kind is None:
+        raise ClientError(415, "not a JPEG, PNG or DICOM file (its first bytes match no image format): "
+                               "send a chest X-ray as JPEG, PNG or DICOM")
+    if kind == "DICOM":
+        _check_dicom_header(data, max_pixels)
+        return kind
+    if kind not in ("JPEG", "PNG"):
+        raise ClientError(415, f"{kind} files are not supported: convert the image to PNG or JPEG, or send DICOM")
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data), formats=[kind])  # the header only; no other decoder is tried
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb(e, max_pixels) from None
+    except Exception:
+        raise ClientError(422, f"corrupt {kind}: its header cannot be read (zero size, truncated or damaged file): "
+                               f"send a complete {kind} file") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, 1, max_pixels)
+    return kind
+
+
+def _check_dicom_header(data: bytes, max_pixels: int) -> None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as e:  # pydicom raises many types for broken files
+        raise ClientError(422, f"corrupt DICOM: its header cannot be read ({type(e).__name__}): send a complete DICOM file") from None
+    if rows <= 0 or cols <= 0:
+        raise ClientError(422, "DICOM without an image (no Rows/Columns): send a DICOM that holds a radiograph")
+    if rows * cols * frames > max_pixels:
+        raise _too_many_pixels(cols, rows, frames, max_pixels)
+
+
+def prepare(model, data: bytes, max_pixels: int) -> np.ndarray:
+    """Checked, decoded and preprocessed by the model's own pipeline: (3, size, size) float32."""
+    from PIL import Image
+
+    check_image(data, max_pixels)
+    try:
+        return model.pixels([data])[0]
+    except images.ImageError as e:
+        status = 413 if "too large" in str(e) else 422
+        raise ClientError(status, f"cannot read the image: {e}: send a complete JPEG, PNG or DICOM file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb(e, max_pixels) from None
+
+
+# ------------------------------------------------------------------------------------ the model
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model version: what answers a request from start to end."""
+
+    model: object          # the pyfunc's python model (ClipLoraClassifier), loaded
+    name: str | None       # registered model name
+    version: str | None
+    alias: str | None
+    uri: str               # what was loaded (models:/name/version)
+    run_id: str | None
+    loaded_at: float
+    folder: str | None = None
+
+    def describe(self) -> dict:
+        cfg = getattr(self.model, "config", {})
+        return {"name": self.name, "version": self.version, "alias": self.alias, "uri": self.uri,
+                "run_id": self.run_id, "classes": list(self.model.classes), "label_set": cfg.get("label_set"),
+                "prompts": cfg.get("prompts"), "image_size": cfg.get("image_size"),
+                "temperature": cfg.get("temperature"), "base_model": cfg.get("base_model"),
+                "device": str(getattr(self.model, "device", "cpu")),
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
+
+
+def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
+    """(name, alias, version) of models:/name@alias or models:/name/version; (None, None, None) otherwise."""
+    if not uri.startswith("models:/"):
+        return None, None, None
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.rpartition("/")
+    return (name, None, version) if name else (rest, None, None)
+
+
+class ModelNotFound(LookupError):
+    """The model URI names nothing in the registry the service was pointed at."""
+
+
+def _resolve(client, name, alias, pinned) -> str | None:
+    if name is None:
+        return None
+    if alias is not None:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    if pinned in (None, "", "latest"):
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise ModelNotFound(f"no versions of registered model {name!r}")
+        return str(max(int(v.version) for v in versions))
+    return str(client.get_model_version(name, pinned).version)
+
+
+def check_source(uri: str, tracking_uri: str) -> str | None:
+    """The version a model URI names in this store, or ModelNotFound saying what to do: fail before starting Ray."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    name, alias, pinned = parse_model_uri(uri)
+    if name is None:
+        return None
+    try:
+        return _resolve(mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), name, alias, pinned)
+    except (mlflow.exceptions.MlflowException, ModelNotFound) as e:
+        message = getattr(e, "message", None) or str(e)
+        raise ModelNotFound(f"{uri} is not in the registry at {tracking_uri} ({message}). Train and register a model "
+                            "(python -m jobs.train ...), point MLFLOW_TRACKING_URI or PNEUMORAY_RUNS at the store "
+                            "that holds it, or pass another --model") from None
+
+
+class ModelHolder:
+    """Serves the version a registry alias names, and follows the alias when it moves.
+
+    `current` is one attribute read: a request takes it once and uses that model for all its work,
+    so a swap in the middle never mixes versions and never drops the request. New versions load in
+    the poll thread; a failed load or registry outage keeps the current model and is reported.
+    """
+
+    def __init__(self, uri: str, tracking_uri: str | None = None, poll_s: float = 5.0):
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # not one bar per load in the log
+        self.uri, self.poll_s = uri, float(poll_s)
+        self.tracking_uri = tracking_uri
+        if tracking_uri:  # replicas are other processes: the store is passed in, not guessed from env
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.name, self.alias, self.pinned = parse_model_uri(uri)
+        self.last_error: str | None = None
+        self.last_poll: float | None = None
+        self.swaps = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._current = self._load(self.resolve())
+
+    @property
+    def current(self) -> Served:
+        return self._current
+
+    @property
+    def follows_alias(self) -> bool:
+        return self.alias is not None
+
+    def resolve(self) -> str | None:
+        """The version the URI names now (None for a non-registry URI)."""
+        return _resolve(self.client, self.name, self.alias, self.pinned)
+
+    def _load(self, version: str | None) -> Served:
+        import mlflow
+
+        uri = f"models:/{self.name}/{version}" if version is not None else self.uri  # the exact version
+        folder = tempfile.mkdtemp(prefix="pneumoray-model-")
+        try:
+            start = time.perf_counter()
+            model = mlflow.pyfunc.load_model(uri, dst_path=folder).unwrap_python_model()
+            log.info("loaded %s in %.1f s", uri, time.perf_counter() - start)
+        except BaseException:
+            self._discard(folder)
+            raise
+        run_id = self.client.get_model_version(self.name, version).run_id if version is not None else None
+        return Served(model=model, name=self.name, version=version, alias=self.alias, uri=uri,
+                      run_id=run_id, loaded_at=time.time(), folder=folder)
+
+    @staticmethod
+    def _discard(folder: str | None) -> None:
+        if not folder:
+            return
+        # The model's code_paths were put on sys.path by the load: take them off with the folder.
+        sys.path[:] = [p for p in sys.path if not p.startswith(folder)]
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def refresh(self) -> bool:
+        """Check the alias once; load and swap in a new version. True when it swapped."""
+        version = self.resolve()
+        self.last_poll = time.time()
+        if version == self._current.version:
+            return False
+        new = self._load(version)
+        old, self._current = self._current, new  # the swap: requests already running keep `old`
+        self.swaps += 1
+        log.info("model %s: version %s -> %s", self.uri, old.version, new.version)
+        self._discard(old.folder)  # weights are in memory; the downloaded files are no longer needed
+        return True
+
+    def start(self) -> None:
+        if not self.follows_alias or self.poll_s <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._poll, name="pneumoray-alias-poll", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.refresh()
+                self.last_error = None
+            except Exception as e:  # keep serving the loaded version; say why in /v1/model
+                self.last_error = f"{type(e).__name__}: {e}"[:500]
+                log.warning("alias poll failed, still serving version %s: %s", self._current.version, self.last_error)
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._discard(self._current.folder)
+
+
+def infer_batch(items: list[tuple[Served, np.ndarray]]) -> list[dict]:
+    """Model compute for one dynamic batch: one logits call per model version in it (normally one)."""
+    out: list[dict | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, (served, _) in enumerate(items):
+        groups.setdefault(id(served), []).append(i)
+    for idx in groups.values():
+        served = items[idx[0]][0]
+        model = served.model
+        frame = model.to_frame(model.logits(np.stack([items[i][1] for i in idx])))
+        for row, i in zip(frame.to_dict(orient="records"), idx):
+            out[i] = {"label": row["label"], "probabilities": {c: float(row[c]) for c in model.classes},
+                      "batch": len(idx)}
+    return out
