@@ -1,0 +1,94 @@
+"""Serve the registered classifier over HTTP, in the foreground, until Ctrl-C (or SIGTERM).
+
+    python -m serve --port 8000 [--host 127.0.0.1] [--model models:/pneumonia-clip@champion]
+                    [--profile tiny] [--set serve.poll_s=2] [--address auto] [--no-dashboard]
+
+The model comes from the MLflow registry (MLFLOW_TRACKING_URI, else runs/mlflow.db under
+PNEUMORAY_RUNS); when its alias moves, the service switches to the new version by itself.
+Set PNEUMORAY_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /v1/*.
+Without --address (or RAY_ADDRESS) it starts a private local Ray; with one it serves on that
+cluster and ships this folder as the working dir.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def main(argv=None):
+    from pneumoray import serving, tracking
+    from pneumoray.cli import add_profile_args, user_errors
+    from pneumoray.profiles import load_profile
+
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 exposes it)")
+    parser.add_argument("--model", help=f"MLflow model URI (default: the profile's serve.model, {serving.DEFAULT_MODEL})")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="Ray cluster to serve on (default: RAY_ADDRESS, else a private local Ray)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray only)")
+    add_profile_args(parser)
+    args = parser.parse_args(argv)
+
+    with user_errors():
+        profile = serving.serve_profile(load_profile(args.profile), args.overrides)
+        serving.deployment_options(profile)  # a bad serve section fails here, before Ray starts
+    if not (1 <= args.port <= 65535) or (not args.address and not _port_free(args.host, args.port)):
+        print(f"error: cannot listen on {args.host}:{args.port} (in use or not allowed): pick another --port", file=sys.stderr)
+        return 2
+    model = args.model or profile["serve"]["model"]
+    tracking_uri = tracking.tracking_uri()
+    try:
+        version = serving.check_source(model, tracking_uri)
+    except serving.ModelNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    token = os.environ.get(profile["serve"]["token_env"]) or None
+
+    import ray
+    from ray import serve
+
+    from serve.app import application
+
+    if args.address:
+        # Another cluster: ship this folder (serve/ and the page) like `ray job submit --working-dir .`.
+        ray.init(address=args.address, runtime_env={"working_dir": os.getcwd()})
+    else:
+        ray.init(address="local", include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1")
+    # Ctrl-C and SIGTERM both stop it, even when started with SIGINT ignored (nohup, a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(application(profile, tracking_uri, model, token), name="pneumoray", route_prefix="/")
+        print(f"pneumoray endpoint ready: http://{args.host}:{args.port}/ serving {model} (version {version}); "
+              f"API docs at /docs; auth {'on' if token else 'off'}; Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down the endpoint", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The Ray Serve application: a FastAPI ingress over the registered classifier.
+
+    POST /v1/classify          one image: multipart field `file`, or the raw body (image/jpeg, image/png, application/dicom)
+    POST /v1/classify/batch    several images: multipart, one field `file` per image
+    GET  /v1/model             the version being served, its label set and prompts
+    GET  /healthz              liveness (no auth)
+    GET  /                     the upload page;  GET /docs: OpenAPI
+Built by `python -m serve` or, from serve/config.yaml, by `serve run` / `serve deploy` (`build`).
+The pieces (limits, parsing, the alias-following model holder) are in pneumoray.serving.
+"""
+
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pneumoray import serving
+from pneumoray.serving import ClientError
+
+PAGE = (Path(__file__).with_name("page.html")).read_text()
+log = logging.getLogger("ray.serve")
+
+
+class Prediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    model: str | None
+    version: str | None
+    alias: str | None
+    latency_ms: float
+
+
+class BatchItem(BaseModel):
+    filename: str | None
+    label: str
+    probabilities: dict[str, float]
+
+
+class BatchPrediction(BaseModel):
+    results: list[BatchItem]
+    model: str | None
+    version: str | None
+    alias: str | None
+    latency_ms: float
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
+    400: "empty, malformed or missing upload", 401: "bearer token missing or wrong (when auth is on)",
+    413: "body, image or batch too large", 415: "content type or image format not accepted",
+    422: "an image that cannot be decoded (corrupt or truncated)"}.items()}
+_IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
+SINGLE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "image/jpeg": _IMAGE_BODY, "image/png": _IMAGE_BODY, "application/dicom": _IMAGE_BODY}}}
+BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+api = FastAPI(
+    title="pneumoray classifier",
+    version="1",
+    description="Pediatric chest X-ray classification (CLIP + LoRA) served from the MLflow registry. "
+                "Every answer names the model version that produced it.",
+)
+# Documents the Authorization header (the Authorize button in /docs); the check is check_bearer.
+bearer_doc = HTTPBearer(auto_error=False, description="the token in the server's PNEUMORAY_SERVE_TOKEN, when set")
+
+
+@api.exception_handler(ClientError)
+async def _upload_error(request: Request, exc: ClientError):
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    message = {404: f"no such endpoint {request.url.path}: see /docs",
+               405: f"{request.method} is not allowed on {request.url.path}: see /docs"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+@serve.deployment(name="PneumoniaClassifier")
+@serve.ingress(api)
+class PneumoniaClassifier:
+    def __init__(self, settings: dict):
+        self.settings = settings
+        serving.harden_pil(settings["max_pixels"])
+        self.holder = serving.ModelHolder(settings["model"], settings["tracking_uri"], settings["poll_s"])
+        self.holder.start()
+        self.body_limit = int(float(settings["max_body_mb"]) * 2**20)
+        self.max_pixels = int(settings["max_pixels"])
+        self.max_files = int(settings["max_batch_files"])
+        self._infer.set_max_batch_size(int(settings["max_batch_size"]))
+        self._infer.set_batch_wait_timeout_s(float(settings["batch_wait_ms"]) / 1000)
+        self.token_env = settings.get("token_env") or serving.TOKEN_ENV
+        # The token's digest comes with the settings; a replica started elsewhere may read its own env.
+        self.token_sha256 = settings.get("token_sha256") or serving.token_digest(os.environ.get(self.token_env))
+        self._decode_slots = asyncio.Semaphore(int(settings["decode_concurrency"]))
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.stats = {"requests": 0, "images": 0, "rejected": 0, "batches": 0, "largest_batch": 0}
+        served = self.holder.current
+        log.info("replica %s serving %s (version %s, alias %s); auth %s", self.replica, served.name,
+                 served.version, served.alias, "on" if self.token_sha256 else "off")
+
+    def check_health(self):
+        if not self.holder.alive():
+            raise RuntimeError("the alias poll thread died")
+
+    def __del__(self):
+        holder = getattr(self, "holder", None)
+        if holder is not None:
+            holder.stop()
+
+    # ------------------------------------------------------------------ pieces
+
+    def _authorize(self, request: Request) -> None:
+        serving.check_bearer(request.headers.get("authorization"), self.token_sha256, self.token_env)
+
+    async def _body(self, request: Request) -> bytes:
+        return await serving.read_limited(request.stream(), request.headers.get("content-length"), self.body_limit)
+
+    async def _prepare(self, served: serving.Served, data: bytes):
+        async with self._decode_slots:  # bounds the memory of decoding at once
+            return await asyncio.to_thread(serving.prepare, served.model, data, self.max_pixels)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _infer(self, items: list) -> list:
+        results = await asyncio.to_thread(serving.infer_batch, items)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+        return results
+
+    @staticmethod
+    def _answer(served: serving.Served, result: dict, started: float) -> dict:
+        return {"label": result["label"], "probabilities": result["probabilities"], "model": served.name,
+                "version": served.version, "alias": served.alias,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+    async def _guard(self, work):
+        try:
+            return await work
+        except ClientError:
+            self.stats["rejected"] += 1
+            raise
+        except Exception as e:  # our fault, not the client's: a JSON 500, the traceback in the replica log
+            log.exception("request failed")
+            return JSONResponse({"error": f"internal error ({type(e).__name__}); see the replica log"}, status_code=500)
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self):
+        return HTMLResponse(PAGE)
+
+    @api.get("/healthz", summary="Liveness: the replica is up and has a model")
+    async def healthz(self):
+        served = self.holder.current
+        return {"status": "ok", "model": served.name, "version": served.version, "replica": self.replica}
+
+    @api.get("/v1/model", summary="The model being served", dependencies=[Depends(bearer_doc)], responses={401: ERRORS[401]})
+    async def model_info(self, request: Request):
+        self._authorize(request)
+        return {**self.holder.current.describe(), "source": self.holder.uri, "follows_alias": self.holder.follows_alias,
+                "poll_s": self.holder.poll_s, "swaps": self.holder.swaps, "last_poll_error": self.holder.last_error,
+                "replica": self.replica, "stats": dict(self.stats),
+                "limits": {"max_body_mb": self.settings["max_body_mb"], "max_pixels": self.max_pixels,
+                           "max_batch_files": self.max_files}}
+
+    @api.post("/v1/classify", summary="Classify one chest X-ray (JPEG, PNG or DICOM)", response_model=Prediction,
+              responses=ERRORS, openapi_extra=SINGLE_BODY, dependencies=[Depends(bearer_doc)])
+    async def classify(self, request: Request):
+        return await self._guard(self._classify(request))
+
+    async def _classify(self, request: Request):
+        started = time.perf_counter()
+        self._authorize(request)
+        content_type = request.headers.get("content-type")
+        kind = serving.body_kind(content_type)  # 415 before reading a byte of the body
+        body = await self._body(request)
+        if kind == "multipart":
+            part = serving.files_from(serving.parse_multipart(body, content_type, self.max_files + 1), single=True)[0]
+            data = bytes(part.data)
+            if not data:
+                raise ClientError(400, f"the uploaded file {part.filename or ''!r} is empty (0 bytes): send the file's content")
+        else:
+            data = body
+            if not data:
+                raise ClientError(400, "empty request body: " + serving.HOW_TO_SEND)
+        served = self.holder.current  # this version answers the request, whatever happens meanwhile
+        pixels = await self._prepare(served, data)
+        result = await self._infer((served, pixels))
+        self.stats["requests"] += 1
+        self.stats["images"] += 1
+        return JSONResponse(self._answer(served, result, started))
+
+    @api.post("/v1/classify/batch", summary="Classify several chest X-rays in one request", response_model=BatchPrediction,
+              responses=ERRORS, openapi_extra=BATCH_BODY, dependencies=[Depends(bearer_doc)])
+    async def classify_batch(self, request: Request):
+        return await self._guard(self._classify_batch(request))
+
+    async def _classify_batch(self, request: Request):
+        started = time.perf_counter()
+        self._authorize(request)
+        content_type = request.headers.get("content-type")
+        serving.body_kind(content_type, batch=True)
+        body = await self._body(request)
+        files = serving.files_from(serving.parse_multipart(body, content_type, self.max_files + 1), single=False)
+        if len(files) > self.max_files:
+            raise ClientError(413, f"{len(files)} images in one request: send at most {self.max_files} per request (split the batch)")
+        served = self.holder.current
+        prepared = await asyncio.gather(*(self._prepare(served, bytes(f.data)) for f in files), return_exceptions=True)
+        for i, (f, p) in enumerate(zip(files, prepared)):
+            if isinstance(p, ClientError):  # all or nothing, naming the first bad file
+                raise ClientError(p.status, f"file {i + 1} of {len(files)} ({f.filename or 'no filename'}): {p.message}")
+            if isinstance(p, BaseException):
+                raise p
+        results = await asyncio.gather(*(self._infer((served, p)) for p in prepared))  # one dynamic batch
+        self.stats["requests"] += 1
+        self.stats["images"] += len(files)
+        answer = self._answer(served, {"label": None, "probabilities": None}, started)
+        items = [{"filename": f.filename, "label": r["label"], "probabilities": r["probabilities"]} for f, r in zip(files, results)]
+        return JSONResponse({"results": items, **{k: answer[k] for k in ("model", "version", "alias", "latency_ms")}})
+
+
+def application(profile: dict, tracking_uri: str, model: str | None = None, token: str | None = None):
+    """The bound application for a profile with a complete `serve` section (serving.serve_profile)."""
+    settings = serving.replica_settings(profile, tracking_uri, model, token)
+    return PneumoniaClassifier.options(**serving.deployment_options(profile)).bind(settings)
+
+
+def build(args: dict):
+    """Application builder for serve/config.yaml (`serve run`, `serve deploy`).
+
+    args: profile (default tiny), set (list of KEY=VALUE overrides), model (URI), tracking_uri
+    (default: MLFLOW_TRACKING_URI, else runs/mlflow.db under PNEUMORAY_RUNS, as seen by the process
+    that builds the app). The bearer token comes from PNEUMORAY_SERVE_TOKEN in that process's env.
+    """
+    from pneumoray import tracking
+    from pneumoray.profiles import load_profile
+
+    args = dict(args or {})
+    profile = serving.serve_profile(load_profile(args.pop("profile", "tiny")), args.pop("set", None) or ())
+    tracking_uri = args.pop("tracking_uri", None) or tracking.tracking_uri()
+    model = args.pop("model", None)
+    if args:
+        raise ValueError(f"unknown argument(s) {sorted(args)} for serve.app:build; known: profile, set, model, tracking_uri")
+    token = os.environ.get(profile["serve"]["token_env"]) or None
+    return application(profile, tracking_uri, model, token)
