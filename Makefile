@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 # the same pin from PyPI is the CUDA build. Installing it first keeps pip from pulling another one.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# Debian's chromium runs the upload-page test (Playwright drives it; no browser is downloaded).
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: install demo test clean
 
@@ -16,6 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@if [ ! -x $(CHROMIUM) ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium (for the upload-page test)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || \
+	    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; } >/dev/null 2>&1 \
+	  || echo "warning: could not install chromium; run: apt-get install chromium"; \
+	fi
 	touch $(STAMP)
 
 # The end-to-end demo on the embedded default (phantoms, tiny models); each stage resumes on a rerun.

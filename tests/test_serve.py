@@ -1,0 +1,569 @@
+"""The HTTP endpoint for real: `python -m serve` on 127.0.0.1 (its own local Ray and Serve), a tiny
+champion in a private MLflow registry, real HTTP requests, a real headless Chromium.
+
+One service for the module (starting one costs about half a minute on 2 cores). The tests that
+disturb it (moving the alias, killing the replica, Ctrl-C) come last, in that order.
+"""
+
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from conftest import REPO
+from pneumoray import classifier, models, registry, serving, tracking
+from pneumoray.profiles import load_profile
+
+TOKEN = "serve-test-token-6f1c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+KEYS = {"label", "probabilities", "model", "version", "alias", "latency_ms"}
+CLASSES_V1 = ["normal", "bacteria", "virus"]
+CLASSES_V2 = ["normal", "pneumonia"]
+# Small limits, so the limits are cheap to hit; a fast alias poll and health check.
+SETTINGS = ["serve.poll_s=1", "serve.max_body_mb=1", "serve.max_pixels=1000000", "serve.max_batch_files=8",
+            "serve.max_replicas=1", "serve.health_check_period_s=1", "serve.batch_wait_ms=50"]
+REPLICA = "ServeReplica:pneumoray:PneumoniaClassifier"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; browsers are never downloaded
+# Ray's own config models use a deprecated pydantic form; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
+
+
+# ----------------------------------------------------------------------------- files
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def noise(h=80, w=96, seed=0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8))
+
+
+def png_declaring(width: int, height: int, raw: bytes = b"\0" * 64) -> bytes:
+    """A grayscale PNG whose header says width x height, with whatever (compressed) data follows."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def dicom_bytes(rows=72, cols=60, photometric="MONOCHROME1", declared=None, cut=0) -> bytes:
+    """A 12-bit DX radiograph (a ramp) with a VOI window, as a DICOM file."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    dx = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = dx
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, b"\0" * 128
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = dx, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns = declared or (rows, cols)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 1024, 2048
+    ds.PixelData = np.tile(np.linspace(0, 4095, cols), (rows, 1)).astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    return data[:len(data) - cut] if cut else data
+
+
+@pytest.fixture(scope="module")
+def good(kermany_sample):
+    rgba = Image.new("RGBA", (64, 48), (200, 120, 60, 255))
+    rgba.paste((30, 30, 30, 0), (0, 0, 32, 48))  # half transparent: composited onto black
+    deep = Image.fromarray((np.random.default_rng(1).random((60, 70)) * 4095).astype(np.uint16))
+    assert deep.mode == "I;16"
+    return {
+        "real.jpeg": (kermany_sample / "train/NORMAL/IM-0115-0001.jpeg").read_bytes(),
+        "noise.jpeg": encode(noise(), "JPEG"),
+        "rgba.png": encode(rgba, "PNG"),
+        "deep16.png": encode(deep, "PNG"),
+        "xray.dcm": dicom_bytes(),
+    }
+
+
+# ----------------------------------------------------------------------------- registry
+
+def register_tiny(classes: list[str], score: float, seed: int, workdir: Path) -> tuple[str, str]:
+    """A tiny CLIP + random LoRA logged and registered like training does; no Ray Train needed."""
+    import torch
+
+    base_dir = models.build_tiny_clip()
+    base, processor = models.load_clip(str(base_dir))
+    torch.manual_seed(seed)
+    model = classifier.attach_lora(base, {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): make this version's outputs its own
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter = workdir / f"adapter-{seed}"
+    model.save_pretrained(str(adapter))
+    mean, std, size = models.image_norm(processor)
+    templates = list(classifier.DEFAULT_TEMPLATES)
+    config = {"classes": classes, "label_set": ",".join(classes), "prompts": classifier.prompts_for(classes, templates),
+              "templates": templates, "base_model": models.TINY, "image_size": size, "mean": list(mean),
+              "std": list(std), "preprocessing": "decode, 8-bit RGB, letterbox, normalise", "temperature": 1.0,
+              "val_macro_f1": score, "epoch": 0}
+    with mlflow.start_run(run_name=f"serve-test-{seed}"):
+        info = registry.log_classifier(adapter, config, base_dir)
+    version = str(info.registered_model_version)
+    return version, registry.promote(registry.CLIP_MODEL, version, score)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PNEUMORAY_RUNS", str(path))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking.setup_mlflow()
+        yield path
+
+
+@pytest.fixture(scope="module")
+def champion(runs, tmp_path_factory):
+    version, alias = register_tiny(CLASSES_V1, 0.5, seed=1, workdir=tmp_path_factory.mktemp("adapters"))
+    assert alias == "champion"
+    return version
+
+
+# ----------------------------------------------------------------------------- the service
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, proc, url, log_path):
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    def log_tail(self, n=4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def post(self, path, auth=True, **kw):
+        headers = {**(AUTH if auth else {}), **kw.pop("headers", {})}
+        return requests.post(self.url + path, headers=headers, timeout=60, **kw)
+
+    def get(self, path, auth=True):
+        return requests.get(self.url + path, headers=AUTH if auth else {}, timeout=60)
+
+    def model(self) -> dict:
+        return self.get("/v1/model").json()
+
+    def replicas(self) -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if REPLICA in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                pass
+        return found
+
+
+def serve_env(runs: Path) -> dict:
+    env = {**os.environ, "PNEUMORAY_RUNS": str(runs), "PNEUMORAY_SERVE_TOKEN": TOKEN,
+           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(key, None)  # its own registry (passed to the replicas by the CLI) and its own local Ray
+    return env
+
+
+@pytest.fixture(scope="module")
+def service(runs, champion, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--no-dashboard"]
+    for item in SETTINGS:
+        cmd += ["--set", item]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=serve_env(runs), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    svc = Service(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.time() + 240
+    while "endpoint ready" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the endpoint did not come up (exit {proc.poll()}):\n{svc.log_tail()}")
+        time.sleep(0.5)
+    yield svc
+    if proc.poll() is None:  # test_ctrl_c normally stopped it already
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def multipart(name="file", filename="x.jpeg", data=b"", ctype="image/jpeg"):
+    return {"files": {name: (filename, data, ctype)}}
+
+
+# ----------------------------------------------------------------------------- answers
+
+def test_good_images_are_classified_by_the_registered_model(service, good, champion):
+    answers = {}
+    for name, data in good.items():
+        ctype = {"jpeg": "image/jpeg", "png": "image/png", "dcm": "application/dicom"}[name.rsplit(".", 1)[1]]
+        raw = service.post("/v1/classify", data=data, headers={"Content-Type": ctype})
+        form = service.post("/v1/classify", **multipart(filename=name, data=data, ctype=ctype))
+        for r in (raw, form):
+            assert r.status_code == 200, (name, r.text)
+            body = r.json()
+            assert set(body) == KEYS, body
+            assert body["model"] == "pneumonia-clip" and body["version"] == champion and body["alias"] == "champion"
+            assert list(body["probabilities"]) == CLASSES_V1 and body["label"] in CLASSES_V1
+            assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+            assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+            assert 0 < body["latency_ms"] < 60_000
+        assert raw.json()["probabilities"] == pytest.approx(form.json()["probabilities"], abs=1e-6)
+        answers[name] = raw.json()["probabilities"]
+    # The same numbers as the registered pyfunc in this process: same version, same preprocessing
+    # (alpha onto black, 16-bit windowing, DICOM VOI LUT and MONOCHROME1 inversion).
+    local = mlflow.pyfunc.load_model(f"models:/{registry.CLIP_MODEL}/{champion}")
+    frame = local.predict(pd.DataFrame({"image": list(good.values())}))
+    for name, (_, row) in zip(good, frame.iterrows()):
+        assert answers[name] == pytest.approx({c: row[c] for c in CLASSES_V1}, abs=1e-5), name
+    assert len({tuple(np.round(list(p.values()), 6)) for p in answers.values()}) == len(good)  # inputs differ, so do answers
+
+
+MALFORMED = [
+    # name, request, status, words the error must hold
+    ("empty body", dict(data=b"", headers={"Content-Type": "image/jpeg"}), 400, "empty"),
+    ("truncated JPEG", "truncated", 422, "truncated"),
+    ("JPEG header only", "header_only", 422, "corrupt JPEG"),
+    ("text as image", dict(data=b"just some text, not an X-ray", headers={"Content-Type": "image/png"}), 415, "not a JPEG, PNG or DICOM"),
+    ("zero-size PNG", dict(data=png_declaring(0, 0), headers={"Content-Type": "image/png"}), 422, "corrupt PNG"),
+    ("PNG declaring 100000 x 100000", dict(data=png_declaring(100_000, 100_000), headers={"Content-Type": "image/png"}), 413, "megapixel limit"),
+    ("PNG over the pixel limit", dict(data=png_declaring(1100, 1000, b"\0" * 1101 * 1000), headers={"Content-Type": "image/png"}), 413, "1.1 megapixels"),
+    ("oversized body", dict(data=b"\xff\xd8\xff" + b"\0" * (2 << 20), headers={"Content-Type": "image/jpeg"}), 413, "over the 1.0 MB limit"),
+    ("oversized chunked body", "chunked", 413, "over the 1.0 MB limit"),
+    ("wrong content type", dict(data=b"{}", headers={"Content-Type": "application/json"}), 415, "Content-Type application/json"),
+    ("curl --data-binary default", "form_urlencoded", 415, "-H 'Content-Type: image/jpeg'"),
+    ("missing field", "wrong_field", 400, "no form field 'file' (got fields: 'image')"),
+    ("empty file field", multipart(data=b""), 400, "empty"),
+    ("two files", "two_files", 400, "/v1/classify/batch"),
+    ("multipart without boundary", dict(data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}), 400, "boundary"),
+    ("multipart cut off", "cut_multipart", 400, "incomplete multipart"),
+    ("GIF", dict(data=encode(Image.new("L", (8, 8)), "GIF"), headers={"Content-Type": "image/gif"}), 415, "GIF"),
+    ("corrupt DICOM", dict(data=b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage", headers={"Content-Type": "application/dicom"}), 422, "DICOM"),
+    ("truncated DICOM", dict(data=dicom_bytes(cut=1000), headers={"Content-Type": "application/dicom"}), 422, "corrupt or unsupported DICOM"),
+    ("DICOM declaring 5000 x 5000", dict(data=dicom_bytes(declared=(5000, 5000)), headers={"Content-Type": "application/dicom"}), 413, "25.0 megapixels"),
+]
+
+
+def _request(case, good):
+    jpeg = good["noise.jpeg"]
+    if case == "truncated":
+        return dict(data=jpeg[: len(jpeg) // 2], headers={"Content-Type": "image/jpeg"})
+    if case == "header_only":
+        return dict(data=jpeg[:20], headers={"Content-Type": "image/jpeg"})
+    if case == "chunked":  # no Content-Length: the limit holds while streaming
+        return dict(data=(b"\xff\xd8\xff" + b"\0" * (400 << 10) for _ in range(4)), headers={"Content-Type": "image/jpeg"})
+    if case == "form_urlencoded":
+        return dict(data=jpeg, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    if case == "wrong_field":
+        return multipart(name="image", data=jpeg)
+    if case == "two_files":
+        return {"files": [("file", ("a.jpeg", jpeg)), ("file", ("b.jpeg", jpeg))]}
+    if case == "cut_multipart":
+        body = b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n\r\n' + jpeg[:200]
+        return dict(data=body, headers={"Content-Type": "multipart/form-data; boundary=bnd"})
+    return case
+
+
+def test_malformed_inputs_get_4xx_json_and_the_service_keeps_answering(service, good):
+    before = service.model()
+    seen = []
+    for name, case, status, words in MALFORMED:
+        r = service.post("/v1/classify", **_request(case, good))
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert r.headers["content-type"].startswith("application/json"), name
+        assert words in r.json()["error"], (name, r.json())
+        seen.append(name)
+        if len(seen) % 5 == 0:  # good requests keep succeeding in between
+            ok = service.post("/v1/classify", data=good["real.jpeg"], headers={"Content-Type": "image/jpeg"})
+            assert ok.status_code == 200, ok.text
+    assert len(seen) >= 12
+    after = service.model()
+    assert after["replica"] == before["replica"], "a bad upload must not crash the replica"
+    assert after["stats"]["rejected"] - before["stats"]["rejected"] == len(MALFORMED)  # refused by our checks, not elsewhere
+    ok = service.post("/v1/classify", **multipart(data=good["xray.dcm"], filename="x.dcm", ctype="application/dicom"))
+    assert ok.status_code == 200 and set(ok.json()) == KEYS
+
+
+def test_batch_endpoint_batches_and_keeps_order(service, good, champion):
+    names = list(good)
+    single = {n: service.post("/v1/classify", **multipart(filename=n, data=good[n])).json() for n in names}
+    before = service.model()["stats"]
+    files = [("file", (n, good[n], "application/octet-stream")) for n in names]
+    r = service.post("/v1/classify/batch", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == champion and body["alias"] == "champion" and body["model"] == "pneumonia-clip"
+    assert [x["filename"] for x in body["results"]] == names
+    for name, item in zip(names, body["results"]):
+        assert item["label"] == single[name]["label"]
+        assert item["probabilities"] == pytest.approx(single[name]["probabilities"], abs=1e-5), name
+    after = service.model()["stats"]
+    assert after["images"] - before["images"] == len(names)
+    assert after["batches"] - before["batches"] < len(names), "dynamic batching ran the images together"
+    # all or nothing, naming the bad file; too many files; a raw body
+    bad = service.post("/v1/classify/batch", files=files[:2] + [("file", ("notes.txt", b"plain text"))])
+    assert bad.status_code == 415 and "file 3 of 3 (notes.txt)" in bad.json()["error"]
+    many = service.post("/v1/classify/batch", files=[("file", (f"{i}.jpeg", good["noise.jpeg"])) for i in range(9)])
+    assert many.status_code == 413 and "at most 8" in many.json()["error"]
+    raw = service.post("/v1/classify/batch", data=good["noise.jpeg"], headers={"Content-Type": "image/jpeg"})
+    assert raw.status_code == 415 and "multipart" in raw.json()["error"]
+
+
+def test_bearer_token_is_required_when_set(service, good):
+    image = dict(data=good["noise.jpeg"], headers={"Content-Type": "image/jpeg"})
+    missing = service.post("/v1/classify", auth=False, **image)
+    assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = service.post("/v1/classify", auth=False, data=image["data"],
+                         headers={**image["headers"], "Authorization": f"Bearer {TOKEN}x"})
+    assert wrong.status_code == 401 and "invalid bearer token" in wrong.json()["error"]
+    basic = service.post("/v1/classify", auth=False, data=image["data"],
+                         headers={**image["headers"], "Authorization": "Basic dXNlcjpwdw=="})
+    assert basic.status_code == 401
+    assert service.get("/v1/model", auth=False).status_code == 401
+    assert service.post("/v1/classify/batch", auth=False, files={"file": ("a.jpeg", image["data"])}).status_code == 401
+    health = service.get("/healthz", auth=False)  # liveness stays open, for load balancers
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert service.post("/v1/classify", **image).status_code == 200
+
+
+def test_model_info_docs_and_unknown_routes(service, champion):
+    info = service.model()
+    assert info["name"] == "pneumonia-clip" and info["version"] == champion and info["alias"] == "champion"
+    assert info["classes"] == CLASSES_V1 and info["prompts"] == [[f"An image of {c} chest X-ray"] for c in CLASSES_V1]
+    assert info["source"] == "models:/pneumonia-clip@champion" and info["follows_alias"] and info["poll_s"] == 1
+    assert info["limits"] == {"max_body_mb": 1, "max_pixels": 1_000_000, "max_batch_files": 8}
+    spec = service.get("/openapi.json", auth=False).json()
+    assert {"/v1/classify", "/v1/classify/batch", "/v1/model", "/healthz"} <= set(spec["paths"])
+    content = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/jpeg", "image/png", "application/dicom"} <= set(content)
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    docs = service.get("/docs", auth=False)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    missing = service.get("/v2/classify", auth=False)
+    assert missing.status_code == 404 and "/docs" in missing.json()["error"]
+    assert requests.put(service.url + "/v1/classify", timeout=30).status_code == 405
+
+
+def test_upload_page_in_headless_chromium(service, good, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make install` installs Debian's chromium (apt-get install chromium)")
+    xray = tmp_path / "IM-0115-0001.jpeg"
+    xray.write_bytes(good["real.jpeg"])
+    text = tmp_path / "notes.png"
+    text.write_bytes(b"not really a png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(service.url + "/")
+            assert "chest X-ray" in page.title()
+            page.set_input_files("#file", str(xray))
+            page.fill("#token", TOKEN)
+            page.click("#submit")
+            page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+            label = page.inner_text("#label")
+            assert label in CLASSES_V1
+            assert page.locator("tr.prob").count() == len(CLASSES_V1)
+            assert "pneumonia-clip version" in page.inner_text("#meta")
+            expected = service.post("/v1/classify", data=good["real.jpeg"], headers={"Content-Type": "image/jpeg"}).json()
+            assert label == expected["label"]
+            # an error from the service is shown, not swallowed
+            page.set_input_files("#file", str(text))
+            page.click("#submit")
+            page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+            assert "not a JPEG, PNG or DICOM" in page.inner_text("#error")
+            page.fill("#token", "")
+            page.set_input_files("#file", str(xray))
+            page.click("#submit")
+            page.wait_for_function("document.querySelector('#error').textContent.includes('bearer token')", timeout=30_000)
+        finally:
+            browser.close()
+
+
+# ----------------------------------------------------------------------------- no service needed
+
+def test_cli_fails_fast_on_a_missing_model_or_a_busy_port(runs, champion, tmp_path):
+    env = serve_env(tmp_path / "empty-runs")
+    proc = subprocess.run([sys.executable, "-m", "serve", "--port", str(free_port())], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not in the registry" in proc.stderr and "Traceback" not in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = subprocess.run([sys.executable, "-m", "serve", "--port", str(busy.getsockname()[1])], cwd=REPO,
+                              env=serve_env(runs), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot listen" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "serve", "--set", "serve.nope=1"], cwd=REPO, env=serve_env(runs),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no key 'nope'" in proc.stderr
+
+
+def test_config_yaml_is_a_valid_serve_config_that_builds(runs):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve/config.yaml").read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (app_cfg,) = config.applications
+    assert app_cfg.import_path == "serve.app:build" and app_cfg.route_prefix == "/"
+    app = build(dict(app_cfg.args))
+    deployment = app._bound_deployment
+    assert deployment.name == "PneumoniaClassifier"
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 2
+    assert deployment._deployment_config.max_ongoing_requests == 32
+    settings = app._bound_deployment.init_args[0]
+    assert settings["tracking_uri"] == tracking.tracking_uri() and settings["model"] == "models:/pneumonia-clip@champion"
+    with pytest.raises(ValueError, match="unknown argument"):
+        build({"profile": "tiny", "modle": "x"})
+
+
+def test_replicas_are_cpu_or_gpu_by_profile():
+    tiny = serving.deployment_options(serving.serve_profile(load_profile("tiny")))
+    gpu = serving.deployment_options(serving.serve_profile(load_profile("rtx3090")))
+    assert tiny["ray_actor_options"]["num_gpus"] == 0 and gpu["ray_actor_options"]["num_gpus"] == 1
+    forced = serving.deployment_options(serving.serve_profile(load_profile("tiny"), ["hardware.use_gpu=true", "serve.max_replicas=4"]))
+    assert forced["ray_actor_options"]["num_gpus"] == 1 and forced["autoscaling_config"]["max_replicas"] == 4
+    settings = serving.replica_settings(serving.serve_profile(load_profile("tiny")), "sqlite:///x.db", token="secret")
+    assert TOKEN not in repr(settings) and "secret" not in repr(settings)  # only the token's digest travels
+    assert settings["token_sha256"] == serving.token_digest("secret")
+
+
+# ----------------------------------------------------------------------------- disturbing the service (last)
+
+class Load:
+    """Classify requests from a few threads until stopped; records (start, status, version, classes)."""
+
+    def __init__(self, service, image, threads=2, pause=0.05):
+        self.service, self.image, self.pause = service, image, pause
+        self.records: list[list] = [[] for _ in range(threads)]
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(r,), daemon=True) for r in self.records]
+
+    def _run(self, records):
+        session = requests.Session()
+        while not self.stop.is_set():
+            start = time.time()
+            try:
+                r = session.post(self.service.url + "/v1/classify", data=self.image, timeout=180,
+                                 headers={**AUTH, "Content-Type": "image/jpeg"})
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+                records.append((start, r.status_code, body.get("version"), tuple(body.get("probabilities") or ())))
+            except requests.RequestException as e:
+                records.append((start, type(e).__name__, None, ()))
+            time.sleep(self.pause)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(200)
+
+    @property
+    def all(self):
+        return sorted(r for records in self.records for r in records)
+
+
+def _wait(predicate, timeout, what, service):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}:\n{service.log_tail()}")
+
+
+def test_moving_the_alias_switches_versions_without_dropping_requests(service, good, champion, tmp_path):
+    with Load(service, good["real.jpeg"]) as load:
+        time.sleep(1)
+        version, alias = register_tiny(CLASSES_V2, 0.9, seed=2, workdir=tmp_path)  # beats v1: becomes champion
+        assert alias == "champion" and version != champion
+        _wait(lambda: service.model()["version"] == version, 120, f"version {version} to be served", service)
+        time.sleep(1.5)
+    records = load.all
+    assert Counter(r[1] for r in records) == {200: len(records)}, Counter(r[1] for r in records)
+    classes = {champion: tuple(CLASSES_V1), version: tuple(CLASSES_V2)}
+    assert all(r[3] == classes[r[2]] for r in records), "every answer comes whole from the version it names"
+    assert {r[2] for r in records} == {champion, version}
+    for thread in load.records:  # once a client sees the new version it never gets the old one again
+        versions = [r[2] for r in thread]
+        assert versions == sorted(versions, key=lambda v: v == version)
+    info = service.model()
+    assert info["swaps"] >= 1 and info["last_poll_error"] is None and info["classes"] == CLASSES_V2
+
+
+def test_a_killed_replica_comes_back_under_load(service, good):
+    before = service.get("/healthz").json()["replica"]
+    (replica,) = service.replicas()
+    with Load(service, good["real.jpeg"]) as load:
+        time.sleep(1)
+        killed_at = time.time()
+        replica.send_signal(signal.SIGKILL)
+        _wait(lambda: service.get("/healthz", auth=False).json()["replica"] != before, 180, "a new replica", service)
+        recovered_at = time.time()
+        time.sleep(1.5)
+    records = load.all
+    statuses = Counter(r[1] for r in records)
+    # requests in flight on the killed process may fail (a 5xx from the proxy); never a 4xx
+    assert not any(isinstance(s, int) and 400 <= s < 500 for s in statuses), statuses
+    assert sum(1 for r in records if r[0] > recovered_at and r[1] == 200) >= 2, statuses
+    assert all(r[1] == 200 for r in records if r[0] > recovered_at), statuses
+    assert sum(1 for r in records if r[0] > killed_at and r[1] == 200) > 0
+    assert not psutil.pid_exists(replica.pid) or replica.status() == psutil.STATUS_ZOMBIE
+    ok = service.post("/v1/classify", **multipart(data=good["xray.dcm"], filename="x.dcm"))
+    assert ok.status_code == 200 and set(ok.json()) == KEYS
+
+
+def test_ctrl_c_stops_the_service(service):
+    replicas = service.replicas()
+    assert len(replicas) == 1
+    service.proc.send_signal(signal.SIGINT)
+    assert service.proc.wait(90) == 0, service.log_tail()
+    assert "shutting down the endpoint" in service.log_tail()
+    time.sleep(1)
+    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in replicas)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(service.url + "/healthz", timeout=5)
