@@ -27,15 +27,17 @@ $(STAMP): pyproject.toml
 	fi
 	touch $(STAMP)
 
-# The end-to-end demo on the embedded default (phantoms, tiny models); each stage resumes on a rerun.
-# Grows into `python -m jobs.pipeline` (issue 7).
+# The end-to-end demo on the embedded default (phantoms, tiny models): python -m jobs.pipeline.
+# Each stage resumes on a rerun; `make demo DEMO_ARGS=--fresh` runs them all again.
 DEMO := runs/demo
 demo: $(STAMP)
-	$(PY) -m jobs.phantoms --out $(DEMO)/phantoms
-	$(PY) -m jobs.prepare --data $(DEMO)/phantoms --out $(DEMO)/manifest.parquet
-	PNEUMORAY_RUNS=$(DEMO) $(PY) -m jobs.train --profile tiny --data $(DEMO)/manifest.parquet --run-name demo --out $(DEMO)/train.json
-	PNEUMORAY_RUNS=$(DEMO) $(PY) -m jobs.evaluate --model models:/pneumonia-clip@champion --data $(DEMO)/manifest.parquet --out $(DEMO)/test_metrics.json
-	@echo "MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db --host 127.0.0.1"
+	PNEUMORAY_RUNS=$(DEMO) $(PY) -m jobs.pipeline --profile tiny --out $(DEMO) $(DEMO_ARGS)
+	@echo
+	@echo "Report:         $(DEMO)/report.md (summary.json beside it)"
+	@echo "MLflow UI:      .venv/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db --host 127.0.0.1  -> http://127.0.0.1:5000"
+	@echo "Ray dashboard:  make stack-up, then open http://127.0.0.1:8265 (jobs submitted to the stack show there)"
+	@echo "Endpoint:       PNEUMORAY_RUNS=$(DEMO) .venv/bin/python -m serve --port 8000"
+	@echo "                curl -F file=@$$(ls $(DEMO)/phantoms/test/PNEUMONIA/*.jpeg | head -1) http://127.0.0.1:8000/v1/classify"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -36,6 +36,37 @@ def register_logged(model_uri: str, run_id: str, score: float) -> tuple[str, str
     return version, registry.promote(registry.CLIP_MODEL, version, score)
 
 
+def fit_both(profile: dict, frame: pd.DataFrame, report: dict, run_name: str) -> tuple[dict, dict]:
+    """(without, with) synthetic images: two training runs on the same real validation split, neither
+    registered. Rerunning with the same run_name continues both."""
+    real = frame[frame["source"] != "synthetic"].reset_index(drop=True)
+    without = training.fit(profile, real, _subset_report(report, real), f"{run_name}-real-only", register=False)
+    with_ = training.fit(profile, frame, report, f"{run_name}-with-synthetic", register=False)
+    return without, with_
+
+
+def choose(policy: str, without: dict, with_: dict) -> bool:
+    """Whether the synthetic images are admitted under ``policy``."""
+    if policy not in POLICIES:
+        raise ValueError(f"train.synthetic is {policy!r}; use one of {POLICIES}")
+    return policy == "always" or (policy == "if_not_worse" and with_["val_macro_f1"] >= without["val_macro_f1"])
+
+
+def decide(policy: str, n_synthetic: int, without: dict, with_: dict, register: bool = True) -> dict:
+    """The admitted run's summary (registered and promoted when ``register``) with the decision."""
+    admitted = choose(policy, without, with_)
+    chosen = dict(with_ if admitted else without)
+    print(f"[pneumoray] synthetic images {'admitted' if admitted else 'left out'} ({policy}): validation macro-F1 "
+          f"{with_['val_macro_f1']:.4f} with them vs {without['val_macro_f1']:.4f} without")
+    if register:
+        version, alias = register_logged(chosen["model_uri"], chosen["run_id"], chosen["val_macro_f1"])
+        chosen.update(model_uri=f"models:/{registry.CLIP_MODEL}/{version}", version=version, alias=alias)
+    decision = {"policy": policy, "images": n_synthetic, "admitted": admitted,
+                "val_macro_f1_with": with_["val_macro_f1"], "val_macro_f1_without": without["val_macro_f1"],
+                "with_synthetic": with_, "without_synthetic": without}
+    return {**chosen, "synthetic": decision}
+
+
 def fit(profile: dict, frame: pd.DataFrame, report: dict, run_name: str, register: bool = True) -> dict:
     """training.fit under the profile's synthetic-data policy; the summary says what was decided."""
     policy = profile["train"].get("synthetic", "if_not_worse")
@@ -46,21 +77,8 @@ def fit(profile: dict, frame: pd.DataFrame, report: dict, run_name: str, registe
     if n_synthetic == 0 or policy == "always":
         summary = training.fit(profile, frame, report, run_name, register=register)
         return {**summary, "synthetic": {"policy": policy, "images": n_synthetic, "admitted": n_synthetic > 0}}
-    real = frame[~is_synthetic].reset_index(drop=True)
     if policy == "never":
+        real = frame[~is_synthetic].reset_index(drop=True)
         summary = training.fit(profile, real, _subset_report(report, real), run_name, register=register)
         return {**summary, "synthetic": {"policy": policy, "images": n_synthetic, "admitted": False}}
-
-    without = training.fit(profile, real, _subset_report(report, real), f"{run_name}-real-only", register=False)
-    with_ = training.fit(profile, frame, report, f"{run_name}-with-synthetic", register=False)
-    admitted = with_["val_macro_f1"] >= without["val_macro_f1"]
-    chosen = dict(with_ if admitted else without)
-    print(f"[pneumoray] synthetic images {'admitted' if admitted else 'left out'}: validation macro-F1 "
-          f"{with_['val_macro_f1']:.4f} with them vs {without['val_macro_f1']:.4f} without")
-    if register:
-        version, alias = register_logged(chosen["model_uri"], chosen["run_id"], chosen["val_macro_f1"])
-        chosen.update(model_uri=f"models:/{registry.CLIP_MODEL}/{version}", version=version, alias=alias)
-    decision = {"policy": policy, "images": n_synthetic, "admitted": admitted,
-                "val_macro_f1_with": with_["val_macro_f1"], "val_macro_f1_without": without["val_macro_f1"],
-                "with_synthetic": with_, "without_synthetic": without}
-    return {**chosen, "synthetic": decision}
+    return decide(policy, n_synthetic, *fit_both(profile, frame, report, run_name), register=register)

@@ -1,0 +1,323 @@
+"""The whole platform, stage by stage, on one profile; rerun it to resume.
+
+    python -m jobs.pipeline --profile tiny --out runs/demo [--data DIR] [--no-tune] [--set k=v ...]
+
+data (phantoms by default, or --data) -> manifest -> SD LoRA fine-tune -> synthetic generation ->
+tune (optional) -> CLIP LoRA training without and with the synthetic images -> evaluation on the
+test split (both, plus zero-shot) -> registry promotion -> Ray Serve, one real HTTP request ->
+DIR/summary.json and DIR/report.md.
+
+Each finished stage leaves DIR/stages/<stage>.json; a rerun reuses those and continues with the
+first stage that has none (and the stages themselves resume: Ray Train checkpoints, missing
+synthetic images only). MLflow lives in DIR unless MLFLOW_TRACKING_URI names a server.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("data", "manifest", "finetune_diffusion", "generate", "tune", "train", "evaluate", "serve")
+
+
+class Pipeline:
+    def __init__(self, out: Path, profile: dict, args):
+        self.out, self.profile, self.args = out, profile, args
+        self.stages_dir = out / "stages"
+        self.stages_dir.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str, fn):
+        """Run ``fn`` once: its JSON result is kept in DIR/stages/<name>.json and reused on reruns."""
+        path = self.stages_dir / f"{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            self.results[name], self.seconds[name] = saved["result"], saved["seconds"]
+            print(f"[pipeline] {name}: done in an earlier run, reused ({path})", flush=True)
+            return self.results[name]
+        print(f"[pipeline] {name}: starting", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = round(time.perf_counter() - t0, 2)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"result": result, "seconds": seconds}, indent=2, default=str))
+        os.replace(tmp, path)  # a stage counts as done only once its whole result is written
+        self.results[name], self.seconds[name] = result, seconds
+        print(f"[pipeline] {name}: done in {seconds:.1f} s", flush=True)
+        return result
+
+
+def _data(p: Pipeline) -> dict:
+    from pneumoray.phantoms import generate_phantoms
+
+    if p.args.data:
+        return {"root": str(Path(p.args.data).resolve()), "kind": "given"}
+    ph = p.profile["data"]["phantoms"]
+    root = p.out / "phantoms"
+    kwargs = {k: ph[k] for k in ("patients", "seed", "size") if ph.get(k) is not None}
+    generate_phantoms(root, **kwargs)
+    return {"root": str(root), "kind": "phantoms", **kwargs}
+
+
+def _manifest(p: Pipeline) -> dict:
+    from pneumoray.data import manifest
+
+    d = p.profile["data"]
+    frame, report = manifest.build(p.results["data"]["root"], p.args.classes or d["classes"], d["val_fraction"],
+                                   d["split_seed"])
+    path = manifest.write(frame, report, p.out / "manifest.parquet")
+    return {"path": str(path), "images": len(frame), "counts": report["counts"], "classes": report["classes"],
+            "skipped": len(report.get("skipped", []))}
+
+
+def _load_real(p: Pipeline):
+    from pneumoray.data import manifest
+
+    d = p.profile["data"]
+    return manifest.load_sources([p.results["manifest"]["path"]], p.args.classes or d["classes"], d["val_fraction"],
+                                 d["split_seed"])
+
+
+def _finetune(p: Pipeline) -> dict:
+    from pneumoray import diffusion_training
+
+    frame, report = _load_real(p)
+    return diffusion_training.fit(p.profile, frame, report, "pipeline-sd-lora")
+
+
+def _generate(p: Pipeline) -> dict:
+    from jobs import generate
+
+    counts = p.profile["pipeline"].get("synthetic_counts")
+    argv = ["--out", str(p.out / "synthetic"), "--data", p.results["manifest"]["path"],
+            "--adapter", p.results["finetune_diffusion"]["model_uri"], "--run-name", "pipeline-generate",
+            "--profile", p.args.profile, *sum((["--set", o] for o in p.args.overrides), [])]
+    if p.args.classes:
+        argv += ["--classes", p.args.classes]
+    if counts and counts != "balance":
+        argv += ["--counts", counts]
+    return generate.main(argv)
+
+
+def _tune(p: Pipeline) -> dict:
+    if not p.args.tune:
+        return {"skipped": True}
+    import copy
+
+    from pneumoray import search
+
+    frame, report = _load_real(p)
+    profile, pipe = copy.deepcopy(p.profile), p.profile["pipeline"]
+    for key in ("num_samples", "epochs"):
+        if pipe.get(f"tune_{key}"):
+            profile["tune"][key] = int(pipe[f"tune_{key}"])
+    summary = search.run(profile, frame, report, "pipeline-tune", register=False)
+    if not summary["complete"]:
+        raise RuntimeError("the search was interrupted; rerun the pipeline to continue it")
+    best = search.best_trial(summary["trials"])
+    return {"best_config": {k: best[k] for k in search.PARAMS},
+            "best_val_macro_f1": best["best_val_macro_f1"], "compute": summary["compute"],
+            "trials": len(summary["trials"]), "parent_run_id": summary["parent_run_id"]}
+
+
+def _tuned_profile(p: Pipeline) -> dict:
+    """The profile with the search's best hyper-parameters, when there was a search."""
+    best = p.results.get("tune", {}).get("best_config")
+    if not best:
+        return p.profile
+    from pneumoray import search
+
+    return search.apply_params(p.profile, best)
+
+
+def _train(p: Pipeline) -> dict:
+    from pneumoray import synthetic
+    from pneumoray.data import manifest
+
+    d = p.profile["data"]
+    frame, report = manifest.load_sources([p.results["manifest"]["path"], p.results["generate"]["manifest"]],
+                                          p.args.classes or d["classes"], d["val_fraction"], d["split_seed"])
+    profile = _tuned_profile(p)
+    without, with_ = synthetic.fit_both(profile, frame, report, "pipeline-clip")
+    n_synthetic = int((frame["source"] == "synthetic").sum())
+    return synthetic.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_)
+
+
+def _evaluate(p: Pipeline) -> dict:
+    from pneumoray import evaluation
+    from pneumoray.plots import confusion_png
+
+    decision = p.results["train"]["synthetic"]
+    out, figures = {}, p.out / "figures"
+    figures.mkdir(exist_ok=True)
+    for key in ("without_synthetic", "with_synthetic"):
+        result = evaluation.evaluate(decision[key]["model_uri"], p.results["manifest"]["path"], "test")
+        out[key] = result
+        confusion_png(__import__("numpy").array(result["confusion_matrix"]), result["classes"],
+                      figures / f"confusion_test_{key}.png", f"test, {key.replace('_', ' ')}")
+    out["zero_shot"] = out["without_synthetic"]["zero_shot"]
+    return out
+
+
+def _serve(p: Pipeline) -> dict:
+    """Start the endpoint on the registry's champion, answer one real request, stop it."""
+    import requests
+    import ray
+    from ray import serve as ray_serve
+
+    from pneumoray import serving, tracking
+    from pneumoray.data import manifest
+    from serve.app import application
+
+    frame, _ = manifest.read(p.results["manifest"]["path"])
+    image = Path(frame[frame["split"] == "test"]["path"].iloc[0])
+    port = p.args.serve_port
+    if not ray.is_initialized():
+        ray.init()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        ray_serve.run(application(serving.serve_profile(p.profile), tracking.tracking_uri()), name="pneumoray",
+                      route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        t0 = time.perf_counter()
+        with image.open("rb") as f:
+            response = requests.post(url, files={"file": (image.name, f, "image/jpeg")}, timeout=120)
+        answer = {"status": response.status_code, "body": response.json(),
+                  "client_latency_ms": round(1000 * (time.perf_counter() - t0), 1)}
+    finally:
+        ray_serve.shutdown()
+    if answer["status"] != 200:
+        raise RuntimeError(f"the endpoint answered {answer['status']}: {answer['body']}")
+    return {"url": url, "image": image.name, "true_label": frame.loc[frame["path"] == str(image), "label"].iloc[0],
+            "answer": answer["body"], "client_latency_ms": answer["client_latency_ms"],
+            "curl": f"curl -F file=@{image} {url}"}
+
+
+def _test_block(result: dict) -> dict:
+    return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+            "recall": {c: m["recall"] for c, m in result["per_class"].items()}}
+
+
+def summarize(p: Pipeline, wall_s: float) -> dict:
+    from pneumoray import registry, tracking
+
+    r = p.results
+    import mlflow
+
+    tracking.setup_mlflow()
+    client = mlflow.MlflowClient()
+    versions = {}
+    for name in (registry.CLIP_MODEL, "pneumonia-sd-lora"):
+        for v in client.search_model_versions(f"name = '{name}'"):
+            versions.setdefault(name, {})[v.version] = client.get_model_version(name, v.version).aliases
+    decision = r["train"]["synthetic"]
+    ev = r["evaluate"]
+    return {
+        "profile": p.profile.get("name"),
+        "counts": {"split_class": r["manifest"]["counts"]["split_class"], "source": {
+            **r["manifest"]["counts"]["source"], "synthetic": sum(r["generate"]["counts"].values())}},
+        "synthetic": {"count": r["generate"]["counts"], "adapter": r["generate"]["adapter"],
+                      "quality": r["generate"].get("quality", {}), "admitted": decision["admitted"],
+                      "policy": decision["policy"]},
+        "best_hyperparameters": r["tune"].get("best_config") if not r["tune"].get("skipped") else None,
+        "val": {"with_synthetic": decision["val_macro_f1_with"], "without_synthetic": decision["val_macro_f1_without"]},
+        "test": {"with_synthetic": _test_block(ev["with_synthetic"]),
+                 "without_synthetic": _test_block(ev["without_synthetic"]),
+                 "zero_shot": _test_block(ev["zero_shot"])},
+        "registry": {"versions": versions, "promoted": {"model_uri": r["train"]["model_uri"],
+                                                        "alias": r["train"].get("alias")}},
+        "endpoint": {"url": r["serve"]["url"], "answer": r["serve"]["answer"], "curl": r["serve"]["curl"]},
+        "seconds": p.seconds,
+        "wall_s": round(wall_s, 2),
+        "mlflow": tracking.tracking_uri(),
+    }
+
+
+def write_report(p: Pipeline, summary: dict) -> Path:
+    """DIR/report.md: the summary as a person reads it, with the figures."""
+    t = summary["test"]
+    lines = [f"# pneumoray pipeline: profile `{summary['profile']}`", "",
+             "## Test split", "", "| model | accuracy | macro-F1 | " + " | ".join(f"recall {c}" for c in t["zero_shot"]["recall"]) + " |",
+             "|---|---|---|" + "---|" * len(t["zero_shot"]["recall"])]
+    for key in ("with_synthetic", "without_synthetic", "zero_shot"):
+        m = t[key]
+        lines.append(f"| {key.replace('_', ' ')} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in m["recall"].values()) + " |")
+    s = summary["synthetic"]
+    lines += ["", f"Synthetic images {'admitted' if s['admitted'] else 'left out'} by the `{s['policy']}` policy "
+              f"(validation macro-F1 {summary['val']['with_synthetic']:.3f} with, {summary['val']['without_synthetic']:.3f} without).",
+              "", "## Synthetic images", "", f"Counts: {s['count']}; adapter `{s['adapter']}`.", ""]
+    if s["quality"]:
+        lines += ["| class | FD | FD floor (real vs real) | KID | KID floor |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {q['fd']:.2f} | {q['fd_floor']:.2f} | {q['kid']:.4f} | {q['kid_floor']:.4f} |"
+                  for c, q in s["quality"].items()]
+    lines += ["", "![synthetic samples](synthetic/samples.png)", ""]
+    if summary["best_hyperparameters"]:
+        lines += ["## Search", "", f"Best hyper-parameters: `{summary['best_hyperparameters']}`", ""]
+    lines += ["## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in sorted((p.out / "figures").glob("*.png"))]
+    lines += ["", "## Registry", "", f"Promoted: `{summary['registry']['promoted']}`", "",
+              "## Endpoint", "", f"`{summary['endpoint']['curl']}` answered:", "", "```json",
+              json.dumps(summary["endpoint"]["answer"], indent=2), "```", "",
+              "## Seconds per stage", "", "| stage | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["seconds"].items()]
+    lines += [f"| **wall** | {summary['wall_s']:.1f} |", ""]
+    path = p.out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def print_table(summary: dict) -> None:
+    t = summary["test"]
+    print("\n" + f"{'test split':<22}{'accuracy':>10}{'macro-F1':>10}")
+    for key in ("with_synthetic", "without_synthetic", "zero_shot"):
+        print(f"{key.replace('_', ' '):<22}{t[key]['accuracy']:>10.3f}{t[key]['macro_f1']:>10.3f}")
+    print(f"\nsynthetic admitted: {summary['synthetic']['admitted']}   promoted: {summary['registry']['promoted']}")
+    print(f"endpoint answer: {summary['endpoint']['answer'].get('label')} (version {summary['endpoint']['answer'].get('version')})")
+    print(f"wall: {summary['wall_s']:.0f} s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items()))
+
+
+def main(argv=None):
+    from pneumoray.cli import add_profile_args, profile_from, user_errors
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder; rerun with the same folder to resume")
+    parser.add_argument("--data", help="a Kermany-style folder (default: the profile's phantom set)")
+    parser.add_argument("--classes", help="label set (default: the profile's)")
+    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the Ray Tune search first (default: the profile's pipeline.tune)")
+    parser.add_argument("--serve-port", type=int, default=8000, help="port of the endpoint check (127.0.0.1)")
+    parser.add_argument("--fresh", action="store_true", help="forget finished stages (DIR/stages) and run them all")
+    add_profile_args(parser)
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    os.environ.setdefault("PNEUMORAY_RUNS", str(out))  # MLflow store and Ray results in DIR
+    started = time.perf_counter()
+    with user_errors():
+        profile = profile_from(args)
+        if args.tune is None:
+            args.tune = bool(profile["pipeline"]["tune"])
+        if args.fresh:
+            shutil.rmtree(out / "stages", ignore_errors=True)
+        p = Pipeline(out, profile, args)
+        p.stage("data", lambda: _data(p))
+        p.stage("manifest", lambda: _manifest(p))
+        p.stage("finetune_diffusion", lambda: _finetune(p))
+        p.stage("generate", lambda: _generate(p))
+        p.stage("tune", lambda: _tune(p))
+        p.stage("train", lambda: _train(p))
+        p.stage("evaluate", lambda: _evaluate(p))
+        p.stage("serve", lambda: _serve(p))
+    summary = summarize(p, time.perf_counter() - started)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report = write_report(p, summary)
+    print_table(summary)
+    print(f"\nsummary: {out / 'summary.json'}\nreport:  {report}")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

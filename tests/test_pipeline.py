@@ -1,0 +1,82 @@
+"""The whole pipeline on the tiny profile with a small phantom set: every stage for real (Ray Train,
+Ray Data, MLflow on SQLite, Ray Serve on 127.0.0.1 answering a real HTTP request), then a rerun
+that reuses every finished stage."""
+
+import json
+import socket
+
+import mlflow
+import pytest
+
+from jobs import pipeline
+
+SMALL = ["--set", "data.phantoms.patients=48", "--set", "data.phantoms.size=96", "--set", "train.epochs=2",
+         "--set", "diffusion.epochs=1", "--set", "pipeline.synthetic_counts=normal=8,virus=8"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("PNEUMORAY_RUNS", str(out))
+        argv = ["--out", str(out), "--no-tune", "--serve-port", str(_free_port()), *SMALL]
+        summary = pipeline.main(argv)
+        yield out, summary, argv
+
+
+def test_summary_has_every_stage_and_both_test_results(run):
+    out, summary, _ = run
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert list(summary["seconds"]) == list(pipeline.STAGES) and summary["wall_s"] > 0
+    assert summary["counts"]["source"]["synthetic"] == 16 and summary["synthetic"]["count"] == {"normal": 8, "virus": 8}
+    for label in ("normal", "virus"):
+        assert summary["synthetic"]["quality"][label]["fd"] >= 0
+    for key in ("with_synthetic", "without_synthetic", "zero_shot"):
+        block = summary["test"][key]
+        assert 0 <= block["accuracy"] <= 1 and 0 <= block["macro_f1"] <= 1
+        assert set(block["recall"]) == {"normal", "bacteria", "virus"}
+    assert summary["best_hyperparameters"] is None  # --no-tune
+
+
+def test_the_admitted_model_is_registered_and_answered_over_http(run):
+    out, summary, _ = run
+    promoted = summary["registry"]["promoted"]
+    assert promoted["alias"] == "champion" and promoted["model_uri"].startswith("models:/pneumonia-clip/")
+    version = promoted["model_uri"].rsplit("/", 1)[1]
+    assert summary["registry"]["versions"]["pneumonia-clip"][version] == ["champion"]
+    assert "1" in summary["registry"]["versions"]["pneumonia-sd-lora"]
+    answer = summary["endpoint"]["answer"]
+    assert answer["version"] == version and answer["label"] in {"normal", "bacteria", "virus"}
+    assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4
+    assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
+    # Both trainings are in MLflow, on the same validation split.
+    runs = mlflow.search_runs(filter_string="tags.mlflow.runName LIKE 'pipeline-clip-%'", output_format="list")
+    assert sorted(r.info.run_name for r in runs) == ["pipeline-clip-real-only", "pipeline-clip-with-synthetic"]
+
+
+def test_report_is_written_with_its_figures(run):
+    out, _, _ = run
+    report = (out / "report.md").read_text()
+    assert "## Test split" in report and "zero shot" in report and "## Endpoint" in report
+    for figure in ("figures/confusion_test_with_synthetic.png", "figures/confusion_test_without_synthetic.png",
+                   "synthetic/samples.png"):
+        assert figure in report and (out / figure).is_file()
+
+
+def test_rerun_reuses_every_finished_stage(run, capsys):
+    out, summary, argv = run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("PNEUMORAY_RUNS", str(out))
+        again = pipeline.main(argv)
+    printed = capsys.readouterr().out
+    assert all(f"[pipeline] {stage}: done in an earlier run" in printed for stage in pipeline.STAGES)
+    assert again["seconds"] == summary["seconds"] and again["test"] == summary["test"]
+    assert again["wall_s"] < summary["wall_s"] / 3
