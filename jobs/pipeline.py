@@ -213,7 +213,7 @@ def summarize(p: Pipeline, wall_s: float) -> dict:
     versions = {}
     for name in (registry.CLIP_MODEL, "pneumonia-sd-lora"):
         for v in client.search_model_versions(f"name = '{name}'"):
-            versions.setdefault(name, {})[v.version] = client.get_model_version(name, v.version).aliases
+            versions.setdefault(name, {})[str(v.version)] = client.get_model_version(name, v.version).aliases
     decision = r["train"]["synthetic"]
     ev = r["evaluate"]
     return {
