@@ -44,3 +44,13 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs
+
+# The local platform stack (Ray head with dashboard + token auth, MLflow server): see README,
+# "Running on a cluster". `make stack-up STACK_ARGS="--dashboard-port 8266"` to move a port.
+STACK := runs/stack
+.PHONY: stack-up stack-down
+stack-up: $(STAMP)
+	$(PY) -m pneumoray.stack up --dir $(STACK) $(STACK_ARGS)
+
+stack-down:
+	$(PY) -m pneumoray.stack down --dir $(STACK)
