@@ -56,9 +56,20 @@ def test_the_admitted_model_is_registered_and_answered_over_http(run):
     assert answer["version"] == version and answer["label"] in {"normal", "bacteria", "virus"}
     assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4
     assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
-    # Both trainings are in MLflow, on the same validation split.
-    runs = mlflow.search_runs(filter_string="tags.mlflow.runName LIKE 'pipeline-clip-%'", output_format="list")
-    assert sorted(r.info.run_name for r in runs) == ["pipeline-clip-real-only", "pipeline-clip-with-synthetic"]
+    # Both trainings are in MLflow, validated on the same real images; only one saw synthetic ones.
+    runs = {r.info.run_name: r for r in mlflow.search_runs(filter_string="tags.mlflow.runName LIKE 'pipeline-clip-%'",
+                                                           output_format="list")}
+    assert sorted(runs) == ["pipeline-clip-real-only", "pipeline-clip-with-synthetic"]
+    val = {n: {k: v for k, v in r.data.tags.items() if k.startswith("pneumoray.split.val/")} for n, r in runs.items()}
+    assert val["pipeline-clip-real-only"] == val["pipeline-clip-with-synthetic"] and val["pipeline-clip-real-only"]
+    assert runs["pipeline-clip-with-synthetic"].data.tags["pneumoray.images.synthetic"] == "16"
+    assert "pneumoray.images.synthetic" not in runs["pipeline-clip-real-only"].data.tags
+    # The gate's choice follows validation macro-F1, and only the chosen run's model is registered.
+    admitted = summary["val"]["with_synthetic"] >= summary["val"]["without_synthetic"]
+    assert summary["synthetic"]["admitted"] == admitted
+    chosen = runs["pipeline-clip-with-synthetic" if admitted else "pipeline-clip-real-only"]
+    versions = mlflow.MlflowClient().search_model_versions("name = 'pneumonia-clip'")
+    assert [v.run_id for v in versions] == [chosen.info.run_id]
 
 
 def test_report_is_written_with_its_figures(run):
