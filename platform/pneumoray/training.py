@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from . import classifier, metrics, models
-from .data import loader
+from . import metrics
 from .data.manifest import DataError, content_hash
+
+# torch, transformers and peft are imported where they are used: the Train controller and each Tune
+# trial's driver load this module too, and need none of them (about 10 s of imports on 2 busy CPUs).
 
 CHECKPOINT_STATE = "state.json"
 
@@ -30,6 +32,9 @@ CHECKPOINT_STATE = "state.json"
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
+    import torch
+
+    from . import classifier, models
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import get_cosine_schedule_with_warmup
@@ -133,6 +138,8 @@ def balance(frame: pd.DataFrame, strategy: str, classes: list[str], seed: int):
     """
     counts = [int((frame["class"] == c).sum()) for c in classes]
     if strategy == "weighted_loss":
+        from . import classifier
+
         return frame, classifier.class_weights(counts).tolist()
     if strategy == "oversample":
         target = max(counts)
@@ -144,13 +151,18 @@ def balance(frame: pd.DataFrame, strategy: str, classes: list[str], seed: int):
     raise ValueError(f"train.imbalance must be weighted_loss, oversample or none, got {strategy!r}")
 
 
-def worker_config(profile: dict, classes: list[str], class_weights, n_train: int, run_id: str, tracking_uri: str) -> dict:
+def worker_config(profile: dict, classes: list[str], class_weights, n_train: int, run_id: str, tracking_uri: str,
+                  prompts: list[list[str]] | None = None) -> dict:
     t = profile["train"]
+    if prompts is None:
+        from . import classifier
+
+        prompts = classifier.prompts_for(classes, t["templates"], t.get("class_words"))
     per_step = int(t["batch_size"]) * int(profile["hardware"]["num_workers"])
     return {
         "model": profile["models"]["clip"],
         "classes": classes,
-        "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
+        "prompts": prompts,
         "lora": t["lora"],
         "lr": float(t["lr"]),
         "weight_decay": float(t["weight_decay"]),
@@ -169,58 +181,112 @@ def worker_config(profile: dict, classes: list[str], class_weights, n_train: int
 
 def _dataset(rows, classes, size, mean, std, materialize: bool):
     """Materialised, images are decoded once for all epochs (worth it when they fit in memory)."""
+    from .data import loader
+
     ds = loader.image_dataset(rows, classes, size, mean, std)
     return ds.materialize() if materialize else ds
 
 
-def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, callbacks=(), register: bool = True) -> dict:
-    """Train, log and (optionally) register; returns a summary of the run."""
-    import mlflow
-    import ray.train
-    from ray.train.torch import TorchTrainer
+@dataclass
+class TrainingInputs:
+    """What every Train run on one data set shares: its Ray Datasets and what the model is told.
 
-    from . import tracking
+    Built once on the driver; jobs.train runs one TorchTrainer on it, the Tune search one per
+    trial (materialised datasets are then decoded once for all trials).
+    """
 
-    t, hw = profile["train"], profile["hardware"]
+    classes: list[str]
+    label_set: str
+    prompts: list[list[str]]  # per class, one per template
+    datasets: dict            # {"train": Dataset, "val": Dataset}
+    class_weights: list | None
+    n_train: int              # training rows after balancing: the scheduler's steps per epoch
+    mean: tuple
+    std: tuple
+    size: int
+
+
+def prepare_inputs(profile: dict, frame: pd.DataFrame, data_report: dict) -> TrainingInputs:
+    from . import classifier, models
+
+    t = profile["train"]
     classes = data_report["classes"]
     train_rows = frame[frame["split"] == "train"]
     val_rows = frame[frame["split"] == "val"]
     if train_rows.empty or val_rows.empty:
         raise DataError(f"need training and validation images, got {len(train_rows)} and {len(val_rows)}: "
-                         "check --classes and data.val_fraction")
+                        "check --classes and data.val_fraction")
     train_rows, weights = balance(train_rows, t["imbalance"], classes, int(t["seed"]))
     mean, std, size = models.image_norm(models.load_processor(profile["models"]["clip"]))
+    datasets = {name: _dataset(rows, classes, size, mean, std, t["materialize"])
+                for name, rows in (("train", train_rows), ("val", val_rows))}
+    prompts = classifier.prompts_for(classes, t["templates"], t.get("class_words"))
+    return TrainingInputs(classes, data_report["label_set"], prompts, datasets, weights, len(train_rows), mean, std, size)
+
+
+def build_trainer(profile: dict, inputs: TrainingInputs, run_name: str, run_id: str, *, tracking_uri: str,
+                  storage_path: str | Path, callbacks=()):
+    """The one TorchTrainer of a training run (jobs.train, and each trial of the Tune search).
+
+    run_name + storage_path name the Ray Train run: building it again with the same pair resumes
+    from its last checkpoint. run_id is the MLflow run rank 0 logs each epoch into.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t, hw = profile["train"], profile["hardware"]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config(profile, inputs.classes, inputs.class_weights, inputs.n_train, run_id, tracking_uri,
+                                        inputs.prompts),
+        scaling_config=ray.train.ScalingConfig(num_workers=int(hw["num_workers"]), use_gpu=bool(hw["use_gpu"]),
+                                               resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
+                                                                     **({"GPU": 1} if hw["use_gpu"] else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=int(t["max_failures"])),
+            callbacks=list(callbacks),
+        ),
+        datasets=dict(inputs.datasets),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def log_data_tags(profile: dict, frame: pd.DataFrame, data_report: dict) -> None:
+    """Tags of the active MLflow run: which data (manifest hash, per-source and per-split counts)."""
+    import mlflow
+
+    mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
+                     "pneumoray.imbalance": profile["train"]["imbalance"],
+                     **{f"pneumoray.images.{k}": v for k, v in data_report["counts"]["source"].items()},
+                     **{f"pneumoray.split.{k}": v for k, v in data_report["counts"]["split_class"].items()}})
+
+
+def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, callbacks=(), register: bool = True) -> dict:
+    """Train, log and (optionally) register; returns a summary of the run."""
+    import mlflow
+
+    from . import tracking
+
+    t, hw = profile["train"], profile["hardware"]
+    inputs = prepare_inputs(profile, frame, data_report)
+    classes = inputs.classes
+    storage = tracking.runs_dir() / "ray_results"
 
     with tracking.find_or_start_run(run_name) as run:
         run_id = run.info.run_id
         _log_params(run, _flatten({"train": t, "hardware": hw, "models": profile["models"], "classes": ",".join(classes)}))
-        mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
-                         "pneumoray.imbalance": t["imbalance"],
-                         **{f"pneumoray.images.{k}": v for k, v in data_report["counts"]["source"].items()},
-                         **{f"pneumoray.split.{k}": v for k, v in data_report["counts"]["split_class"].items()}})
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=worker_config(profile, classes, weights, len(train_rows), run_id, tracking.tracking_uri()),
-            scaling_config=ray.train.ScalingConfig(num_workers=int(hw["num_workers"]), use_gpu=bool(hw["use_gpu"]),
-                                                   resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
-                                                                         **({"GPU": 1} if hw["use_gpu"] else {})}),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=str(tracking.runs_dir() / "ray_results"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
-                                                             checkpoint_score_order="max"),
-                failure_config=ray.train.FailureConfig(max_failures=int(t["max_failures"])),
-                callbacks=list(callbacks),
-            ),
-            datasets={name: _dataset(rows, classes, size, mean, std, t["materialize"])
-                      for name, rows in (("train", train_rows), ("val", val_rows))},
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        )
+        log_data_tags(profile, frame, data_report)
+        trainer = build_trainer(profile, inputs, run_name, run_id, tracking_uri=tracking.tracking_uri(),
+                                storage_path=storage, callbacks=callbacks)
         result = trainer.fit()
         best = result.get_best_checkpoint("val_macro_f1", "max") if result.best_checkpoints else result.checkpoint
         if best is None:
-            raise RuntimeError(f"run {run_name} produced no checkpoint; see the Ray logs under {tracking.runs_dir() / 'ray_results' / run_name}")
-        summary = _finish(best, classes, data_report["label_set"], run_id, mean, std, size, profile, register)
+            raise RuntimeError(f"run {run_name} produced no checkpoint; see the Ray logs under {storage / run_name}")
+        summary = finish(best, inputs, run_id, profile, register)
     with result.checkpoint.as_directory() as d:
         last_epoch = json.loads(Path(d, CHECKPOINT_STATE).read_text())["epoch"]
     resumes = mlflow.MlflowClient().get_metric_history(run_id, "resumed_at_epoch")
@@ -228,14 +294,19 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, ca
             "last_epoch": last_epoch, "resumed_at_epochs": sorted(int(m.value) for m in resumes)}
 
 
-def _finish(checkpoint, classes, label_set, run_id, mean, std, size, profile, register) -> dict:
-    """Calibrate on validation, log plots and the model, register and promote the best checkpoint."""
+def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, register: bool = True) -> dict:
+    """Calibrate on validation, log plots and the model, register and promote the best checkpoint.
+
+    Logs into the active MLflow run (run_id: the run whose per-epoch history the curves show).
+    jobs.train calls it for its run, the Tune search for its best trial's child run.
+    """
     import mlflow
 
-    from . import registry
+    from . import classifier, models, registry
     from .plots import confusion_png, curves_png
 
     t = profile["train"]
+    classes, label_set, mean, std, size = inputs.classes, inputs.label_set, inputs.mean, inputs.std, inputs.size
     client = mlflow.MlflowClient()
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, CHECKPOINT_STATE).read_text())
