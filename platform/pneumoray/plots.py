@@ -42,3 +42,26 @@ def curves_png(history: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def hparams_png(rows: list[dict], params: list[str], metric_key: str, out: Path, log_x=()) -> Path:
+    """One panel per hyper-parameter: each trial's best metric against its value; stopped trials hollow."""
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.4), squeeze=False, sharey=True)
+    best_key = f"best_{metric_key}"
+    for ax, name in zip(axes[0], params):
+        for done, style in ((True, {"marker": "o"}), (False, {"marker": "o", "facecolors": "none"})):
+            pts = [(r[name], r[best_key]) for r in rows
+                   if r.get(name) is not None and r[best_key] == r[best_key] and (r["status"] == "completed") == done]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, edgecolors="C0", label="ran to the end" if done else "stopped early", **style)
+        if name in log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"best {metric_key}")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
