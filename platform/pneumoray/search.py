@@ -376,7 +376,7 @@ def _child_runs(experiment_id: str, parent_run_id: str) -> dict:
 
 
 def best_trial(rows: list[dict]) -> dict | None:
-    """The trial with the best validation macro-F1 at any epoch (ties: the first trial)."""
+    """The trial with the best validation macro-F1 at any epoch (ties: the lowest trial id, a stable choice)."""
     scored = [r for r in rows if r["checkpoint"] and r["run_id"]]
     return max(scored, key=lambda r: r["best_val_macro_f1"]) if scored else None
 
