@@ -145,13 +145,14 @@ def test_best_trial_is_registered_with_plot_and_table(searched):
     assert metrics["asha_epochs_saved_fraction"] == searched["compute"]["epochs_saved_fraction"]
 
 
-def test_interrupted_search_continues_and_a_worse_model_is_only_challenger(searched, runs, phantom_manifest):
+def test_interrupted_search_continues_and_a_worse_model_is_only_challenger(ray_local, searched, runs, phantom_manifest):
     """Ctrl-C mid-trial, then the same search again: Tune restores it, Train resumes the trial's run."""
     overrides = [*COMMON, "tune.epochs=4", "tune.num_samples=1", _points(BAD)]
     cmd = [sys.executable, "-m", "tune", "--profile", "tiny", "--data", str(phantom_manifest), "--classes", CLASSES,
            "--name", "resumed"] + [a for o in overrides for a in ("--set", o)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ.copy())
+    # The command joins this session's Ray (as `ray job submit` joins a cluster) rather than start its own.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
