@@ -221,7 +221,9 @@ def test_job_submit_trains_into_the_stacks_mlflow(running, tmp_path_factory):
 
     # The run and the registered model are in the stack's MLflow server, the artifacts in its store.
     summary = json.loads(summary_file.read_text())
-    client = MlflowClient(tracking_uri=running["urls"]["mlflow"])
+    # registry_uri too: without it the client uses the process-wide registry URI, which an earlier test's
+    # mlflow.set_registry_uri may have pointed at its own store.
+    client = MlflowClient(tracking_uri=running["urls"]["mlflow"], registry_uri=running["urls"]["mlflow"])
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "stack-test"
     assert client.get_experiment(run.info.experiment_id).name == "pneumoray"
