@@ -54,3 +54,14 @@ stack-up: $(STAMP)
 
 stack-down:
 	$(PY) -m pneumoray.stack down --dir $(STACK)
+
+# Benchmarks (bench/, README "Benchmarks"): `make bench BENCH_ARGS="--quick"` or `--only serve_rps_c32`.
+.PHONY: bench load faults
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+load: $(STAMP)
+	$(PY) -m bench.load $(LOAD_ARGS)
+
+faults: $(STAMP)
+	$(PY) -m bench.faults $(FAULTS_ARGS)
