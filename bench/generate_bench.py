@@ -83,7 +83,8 @@ def run_ray(args) -> dict:
     ends = batch_ends(rows, out, args.batch_size)
     rate, t0 = steady_rate(ends, args.batch_size, args.actors)
     return {"images": made, "init_s": init_s, "run_s": wall, "first_phase_s": t0 - start, "rate": rate,
-            "cpus_per_actor": settings["cpus_per_actor"]}
+            "cpus_per_actor": settings["cpus_per_actor"],
+            "steady": [t0, ends[-1], max(len(ends) - min(args.actors, len(ends)), 0)]}  # batches after t0
 
 
 def run_plain(args) -> dict:
