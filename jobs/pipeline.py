@@ -106,16 +106,10 @@ def _generate(p: Pipeline) -> dict:
 def _tune(p: Pipeline) -> dict:
     if not p.args.tune:
         return {"skipped": True}
-    import copy
-
     from pneumoray import search
 
     frame, report = _load_real(p)
-    profile, pipe = copy.deepcopy(p.profile), p.profile["pipeline"]
-    for key in ("num_samples", "epochs"):
-        if pipe.get(f"tune_{key}"):
-            profile["tune"][key] = int(pipe[f"tune_{key}"])
-    summary = search.run(profile, frame, report, "pipeline-tune", register=False)
+    summary = search.run(p.profile, frame, report, "pipeline-tune", register=False)
     if not summary["complete"]:
         raise RuntimeError("the search was interrupted; rerun the pipeline to continue it")
     best = search.best_trial(summary["trials"])
@@ -231,6 +225,7 @@ def summarize(p: Pipeline, wall_s: float) -> dict:
         "registry": {"versions": versions, "promoted": {"model_uri": r["train"]["model_uri"],
                                                         "alias": r["train"].get("alias")}},
         "endpoint": {"url": r["serve"]["url"], "answer": r["serve"]["answer"], "curl": r["serve"]["curl"]},
+        "overrides": p.args.overrides,
         "seconds": p.seconds,
         "wall_s": round(wall_s, 2),
         "mlflow": tracking.tracking_uri(),
@@ -297,6 +292,9 @@ def main(argv=None):
     os.environ.setdefault("PNEUMORAY_RUNS", str(out))  # MLflow store and Ray results in DIR
     started = time.perf_counter()
     with user_errors():
+        # The profile's pipeline.overrides (the demo's budget) first, then the user's --set on top.
+        budget = profile_from(args)["pipeline"].get("overrides") or {}
+        args.overrides = [f"{key}={json.dumps(value)}" for key, value in budget.items()] + args.overrides
         profile = profile_from(args)
         if args.tune is None:
             args.tune = bool(profile["pipeline"]["tune"])

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from jobs import pipeline
+from pneumoray.profiles import load_profile
 
 SMALL = ["--set", "data.phantoms.patients=48", "--set", "data.phantoms.size=96", "--set", "train.epochs=2",
          "--set", "diffusion.epochs=1", "--set", "pipeline.synthetic_counts=normal=8,virus=8"]
@@ -63,6 +64,9 @@ def test_the_admitted_model_is_registered_and_answered_over_http(run):
     val = {n: {k: v for k, v in r.data.tags.items() if k.startswith("pneumoray.split.val/")} for n, r in runs.items()}
     assert val["pipeline-clip-real-only"] == val["pipeline-clip-with-synthetic"] and val["pipeline-clip-real-only"]
     assert runs["pipeline-clip-with-synthetic"].data.tags["pneumoray.images.synthetic"] == "16"
+    # The session's cluster (2 CPUs) holds both 1-CPU worker groups: the two runs trained side by side.
+    a, b = (runs[n].info for n in sorted(runs))
+    assert a.start_time < b.end_time and b.start_time < a.end_time
     assert "pneumoray.images.synthetic" not in runs["pipeline-clip-real-only"].data.tags
     # The gate's choice follows validation macro-F1, and only the chosen run's model is registered.
     admitted = summary["val"]["with_synthetic"] >= summary["val"]["without_synthetic"]
@@ -70,6 +74,16 @@ def test_the_admitted_model_is_registered_and_answered_over_http(run):
     chosen = runs["pipeline-clip-with-synthetic" if admitted else "pipeline-clip-real-only"]
     versions = mlflow.MlflowClient().search_model_versions("name = 'pneumonia-clip'")
     assert [v.run_id for v in versions] == [chosen.info.run_id]
+
+
+def test_the_profiles_demo_budget_applies_under_the_users_settings(run):
+    _, summary, _ = run
+    budget = [f"{k}={json.dumps(v)}" for k, v in load_profile("tiny")["pipeline"]["overrides"].items()]
+    user = SMALL[1::2]
+    assert budget and summary["overrides"] == budget + user  # the user's --set comes last and wins
+    params = mlflow.search_runs(filter_string="tags.mlflow.runName = 'pipeline-clip-real-only'",
+                                output_format="list")[0].data.params
+    assert params["train.epochs"] == "2" and "train.epochs" in " ".join(budget)
 
 
 def test_report_is_written_with_its_figures(run):

@@ -1,18 +1,20 @@
-"""Figures for MLflow and the report: confusion matrices and training curves (matplotlib, no display)."""
+"""Figures for MLflow and the report: confusion matrices and training curves (matplotlib, no display).
+
+Figures are built with matplotlib's object API, not pyplot: no global state, so runs trained side by
+side in threads (pneumoray.synthetic.fit_both) can draw at the same time.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def confusion_png(cm: np.ndarray, classes: list[str], out: Path, title: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    fig = Figure(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes)
     ax.set_yticks(range(len(classes)), classes)
@@ -24,14 +26,14 @@ def confusion_png(cm: np.ndarray, classes: list[str], out: Path, title: str = ""
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
 def curves_png(history: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     """One panel per metric, value against epoch."""
     names = [k for k, v in history.items() if v]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.2), squeeze=False)
+    fig = Figure(figsize=(4 * max(1, len(names)), 3.2))
+    axes = fig.subplots(1, max(1, len(names)), squeeze=False)
     for ax, name in zip(axes[0], names):
         steps, values = zip(*sorted(history[name]))
         ax.plot(steps, values, marker="o")
@@ -40,13 +42,13 @@ def curves_png(history: dict[str, list[tuple[int, float]]], out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
 def hparams_png(rows: list[dict], params: list[str], metric_key: str, out: Path, log_x=()) -> Path:
     """One panel per hyper-parameter: each trial's best metric against its value; stopped trials hollow."""
-    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.4), squeeze=False, sharey=True)
+    fig = Figure(figsize=(4 * len(params), 3.4))
+    axes = fig.subplots(1, len(params), squeeze=False, sharey=True)
     best_key = f"best_{metric_key}"
     for ax, name in zip(axes[0], params):
         for done, style in ((True, {"marker": "o"}), (False, {"marker": "o", "facecolors": "none"})):
@@ -63,5 +65,4 @@ def hparams_png(rows: list[dict], params: list[str], metric_key: str, out: Path,
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

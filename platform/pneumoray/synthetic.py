@@ -36,13 +36,38 @@ def register_logged(model_uri: str, run_id: str, score: float) -> tuple[str, str
     return version, registry.promote(registry.CLIP_MODEL, version, score)
 
 
+def _room_for_two(profile: dict) -> bool:
+    """Whether the cluster holds two of the profile's Train worker groups at once."""
+    import ray
+
+    hw, have = profile["hardware"], ray.cluster_resources()
+    workers = int(hw["num_workers"])
+    return (have.get("CPU", 0) >= 2 * workers * float(hw["cpus_per_worker"])
+            and (not hw["use_gpu"] or have.get("GPU", 0) >= 2 * workers))
+
+
 def fit_both(profile: dict, frame: pd.DataFrame, report: dict, run_name: str) -> tuple[dict, dict]:
     """(without, with) synthetic images: two training runs on the same real validation split, neither
-    registered. Rerunning with the same run_name continues both."""
+    registered. Rerunning with the same run_name continues both.
+
+    The runs are independent: when the cluster holds both worker groups they train side by side, each
+    driven by a zero-CPU Ray task (it dies with this driver, and its Train run with it); otherwise one
+    after the other.
+    """
+    import ray
+
+    from . import tracking
+
     real = frame[frame["source"] != "synthetic"].reset_index(drop=True)
-    without = training.fit(profile, real, _subset_report(report, real), f"{run_name}-real-only", register=False)
-    with_ = training.fit(profile, frame, report, f"{run_name}-with-synthetic", register=False)
-    return without, with_
+    runs = [(real, _subset_report(report, real), f"{run_name}-real-only"), (frame, report, f"{run_name}-with-synthetic")]
+    if not ray.is_initialized():
+        ray.init()
+    if not _room_for_two(profile):
+        return tuple(training.fit(profile, f, r, name, register=False) for f, r, name in runs)
+    # The task logs where this process does, whatever environment the cluster's workers started with.
+    env = {"PNEUMORAY_RUNS": str(tracking.runs_dir()), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    fit = ray.remote(training.fit).options(num_cpus=0, max_retries=0, runtime_env={"env_vars": env})
+    return tuple(ray.get([fit.remote(profile, f, r, name, register=False) for f, r, name in runs]))
 
 
 def choose(policy: str, without: dict, with_: dict) -> bool:
