@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Debian's chromium runs the upload-page test (Playwright drives it; no browser is downloaded).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo test clean
+.PHONY: install chromium demo test clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Only the tests need a browser; the demo does not wait for it.
+chromium:
 	@if [ ! -x $(CHROMIUM) ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing Debian's chromium (for the upload-page test)"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
@@ -25,7 +29,6 @@ $(STAMP): pyproject.toml
 	    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; } >/dev/null 2>&1 \
 	  || echo "warning: could not install chromium; run: apt-get install chromium"; \
 	fi
-	touch $(STAMP)
 
 # The end-to-end demo on the embedded default (phantoms, tiny models): python -m jobs.pipeline.
 # Each stage resumes on a rerun; `make demo DEMO_ARGS=--fresh` runs them all again.
@@ -39,7 +42,7 @@ demo: $(STAMP)
 	@echo "Endpoint:       PNEUMORAY_RUNS=$(DEMO) .venv/bin/python -m serve --port 8000"
 	@echo "                curl -F file=@$$(ls $(DEMO)/phantoms/test/PNEUMONIA/*.jpeg | head -1) http://127.0.0.1:8000/v1/classify"
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 clean:

@@ -382,7 +382,7 @@ def test_upload_page_in_headless_chromium(service, good, tmp_path):
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: `make install` installs Debian's chromium (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium first (apt-get install chromium)")
     xray = tmp_path / "IM-0115-0001.jpeg"
     xray.write_bytes(good["real.jpeg"])
     text = tmp_path / "notes.png"

@@ -137,7 +137,9 @@ def _dataset(rows: pd.DataFrame, classes: list[str], size: int, materialize: boo
 
     ds = ray.data.from_pandas(rows[["path", "class"]].reset_index(drop=True)).map_batches(
         _pixels_batch, fn_kwargs={"size": size, "classes": classes}, batch_size=64)
-    return ds.materialize() if materialize else ds
+    ds = ds.materialize() if materialize else ds
+    ds.context.enable_progress_bars = False  # as in training._dataset: no bar per epoch
+    return ds
 
 
 def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, register: bool = True) -> dict:

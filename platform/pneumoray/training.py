@@ -184,7 +184,11 @@ def _dataset(rows, classes, size, mean, std, materialize: bool):
     from .data import loader
 
     ds = loader.image_dataset(rows, classes, size, mean, std)
-    return ds.materialize() if materialize else ds
+    ds = ds.materialize() if materialize else ds
+    # No progress bar per epoch: the driver keeps every worker's bar and redraws them all at each line
+    # it prints, which grew the demo's log to 40,000 lines. The epoch reports say the same.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 @dataclass
