@@ -28,11 +28,13 @@ def caches(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"cache_{name}")
             mp.setenv("PNEUMORAY_CACHE", str(root))
             torch.manual_seed(1000 + i)  # builds must not depend on the caller's RNG state
-            built[name] = {
-                "root": root,
-                "clip": Path(m.resolve_model("tiny", "clip")),
-                "sd": Path(m.resolve_model("tiny", "sd")),
-            }
+            # ... nor on its grad mode: a first use inside torch.no_grad() (quality.embed) must build too.
+            with torch.set_grad_enabled(name == "a"):
+                built[name] = {
+                    "root": root,
+                    "clip": Path(m.resolve_model("tiny", "clip")),
+                    "sd": Path(m.resolve_model("tiny", "sd")),
+                }
     return built
 
 

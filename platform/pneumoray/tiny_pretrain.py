@@ -62,6 +62,7 @@ def scenes(rng: np.random.Generator, n: int, size: int):
     return np.clip(imgs, 0, 1), attrs
 
 
+@torch.enable_grad()  # the first use of the tiny CLIP may come from inside torch.no_grad() (quality.embed)
 def pretrain_vision(model, mean, std, steps: int = 300, batch: int = 64, lr: float = 2e-3, seed: int = 0) -> dict:
     """Train the image tower (and visual projection) of a CLIPModel in place; returns final accuracies."""
     from .models import clip_features
