@@ -1,7 +1,7 @@
 """Figures for MLflow and the report: confusion matrices and training curves (matplotlib, no display).
 
-Figures are built with matplotlib's object API, not pyplot: no global state, so runs trained side by
-side in threads (pneumoray.synthetic.fit_both) can draw at the same time.
+Figures are built with matplotlib's object API, not pyplot: no global figure registry or backend to
+select, and nothing to close, in whatever process or thread draws them.
 """
 
 from __future__ import annotations
