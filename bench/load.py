@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from . import servers
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
            "requests": len(result.records), "ok": len(lat), "errors": result.errors_total,
            "error_samples": result.sample_errors, "rps": round(len(lat) / max(1e-9, max(r.end for r in result.records) - t0), 2),
            "p50_ms": round(percentile(lat, 50), 1), "p99_ms": round(percentile(lat, 99), 1),
-           "max_ms": round(max(lat), 1) if lat else None, "statuses": result.statuses,
+           "max_ms": round(max(lat), 1) if lat else None,
+           "statuses": dict(Counter(str(r.status) for r in result.records)),  # all of them, as requests/ok count
            "server_rss_mb_start": rss_start, "server_rss_mb_end": rss_end, "replicas_at_end": replicas,
            "intervals": intervals(result.records, t0)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
