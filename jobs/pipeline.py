@@ -10,6 +10,9 @@ DIR/summary.json and DIR/report.md.
 Each finished stage leaves DIR/stages/<stage>.json; a rerun reuses those and continues with the
 first stage that has none (and the stages themselves resume: Ray Train checkpoints, missing
 synthetic images only). MLflow lives in DIR unless MLFLOW_TRACKING_URI names a server.
+--fresh starts the next attempt in DIR: every stage runs again under new MLflow run names (suffix
+-2, -3, ...) into a new synthetic folder, so the stages cannot resume the old work, and the earlier
+attempt's runs, models and images stay where they are.
 """
 
 import argparse
@@ -27,9 +30,25 @@ class Pipeline:
     def __init__(self, out: Path, profile: dict, args):
         self.out, self.profile, self.args = out, profile, args
         self.stages_dir = out / "stages"
+        self.attempt = self._attempt(fresh=args.fresh)
         self.stages_dir.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}
+
+    def _attempt(self, fresh: bool) -> int:
+        """1 for a new DIR; --fresh moves on to the next and forgets the finished stages."""
+        path = self.out / "attempt.json"
+        attempt = json.loads(path.read_text())["attempt"] if path.is_file() else 1
+        if fresh and (path.is_file() or self.stages_dir.is_dir()):
+            attempt += 1
+            shutil.rmtree(self.stages_dir, ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"attempt": attempt}))
+        return attempt
+
+    def name(self, base: str) -> str:
+        """The attempt's name for a run or folder: the stages resume by these names."""
+        return base if self.attempt == 1 else f"{base}-{self.attempt}"
 
     def stage(self, name: str, fn):
         """Run ``fn`` once: its JSON result is kept in DIR/stages/<name>.json and reused on reruns."""
@@ -86,15 +105,15 @@ def _finetune(p: Pipeline) -> dict:
     from pneumoray import diffusion_training
 
     frame, report = _load_real(p)
-    return diffusion_training.fit(p.profile, frame, report, "pipeline-sd-lora")
+    return diffusion_training.fit(p.profile, frame, report, p.name("pipeline-sd-lora"))
 
 
 def _generate(p: Pipeline) -> dict:
     from jobs import generate
 
     counts = p.profile["pipeline"].get("synthetic_counts")
-    argv = ["--out", str(p.out / "synthetic"), "--data", p.results["manifest"]["path"],
-            "--adapter", p.results["finetune_diffusion"]["model_uri"], "--run-name", "pipeline-generate",
+    argv = ["--out", str(p.out / p.name("synthetic")), "--data", p.results["manifest"]["path"],
+            "--adapter", p.results["finetune_diffusion"]["model_uri"], "--run-name", p.name("pipeline-generate"),
             "--profile", p.args.profile, *sum((["--set", o] for o in p.args.overrides), [])]
     if p.args.classes:
         argv += ["--classes", p.args.classes]
@@ -109,7 +128,7 @@ def _tune(p: Pipeline) -> dict:
     from pneumoray import search
 
     frame, report = _load_real(p)
-    summary = search.run(p.profile, frame, report, "pipeline-tune", register=False)
+    summary = search.run(p.profile, frame, report, p.name("pipeline-tune"), register=False)
     if not summary["complete"]:
         raise RuntimeError("the search was interrupted; rerun the pipeline to continue it")
     best = search.best_trial(summary["trials"])
@@ -136,7 +155,7 @@ def _train(p: Pipeline) -> dict:
     frame, report = manifest.load_sources([p.results["manifest"]["path"], p.results["generate"]["manifest"]],
                                           p.args.classes or d["classes"], d["val_fraction"], d["split_seed"])
     profile = _tuned_profile(p)
-    without, with_ = synthetic.fit_both(profile, frame, report, "pipeline-clip")
+    without, with_ = synthetic.fit_both(profile, frame, report, p.name("pipeline-clip"))
     n_synthetic = int((frame["source"] == "synthetic").sum())
     return synthetic.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_)
 
@@ -212,6 +231,7 @@ def summarize(p: Pipeline, wall_s: float) -> dict:
     ev = r["evaluate"]
     return {
         "profile": p.profile.get("name"),
+        "attempt": p.attempt,
         "counts": {"split_class": r["manifest"]["counts"]["split_class"], "source": {
             **r["manifest"]["counts"]["source"], "synthetic": sum(r["generate"]["counts"].values())}},
         "synthetic": {"count": r["generate"]["counts"], "adapter": r["generate"]["adapter"],
@@ -285,7 +305,7 @@ def main(argv=None):
     parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
                         help="run the Ray Tune search first (default: the profile's pipeline.tune)")
     parser.add_argument("--serve-port", type=int, default=8000, help="port of the endpoint check (127.0.0.1)")
-    parser.add_argument("--fresh", action="store_true", help="forget finished stages (DIR/stages) and run them all")
+    parser.add_argument("--fresh", action="store_true", help="run every stage again as a new attempt (new run names; the old runs are kept)")
     add_profile_args(parser)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -298,8 +318,6 @@ def main(argv=None):
         profile = profile_from(args)
         if args.tune is None:
             args.tune = bool(profile["pipeline"]["tune"])
-        if args.fresh:
-            shutil.rmtree(out / "stages", ignore_errors=True)
         p = Pipeline(out, profile, args)
         p.stage("data", lambda: _data(p))
         p.stage("manifest", lambda: _manifest(p))

@@ -1,6 +1,6 @@
 """The whole pipeline on the tiny profile with a small phantom set: every stage for real (Ray Train,
 Ray Data, MLflow on SQLite, Ray Serve on 127.0.0.1 answering a real HTTP request), then a rerun
-that reuses every finished stage."""
+that reuses every finished stage, then --fresh that redoes them all beside the first attempt."""
 
 import json
 import socket
@@ -105,3 +105,26 @@ def test_rerun_reuses_every_finished_stage(run, capsys):
     assert all(f"[pipeline] {stage}: done in an earlier run" in printed for stage in pipeline.STAGES)
     assert again["seconds"] == summary["seconds"] and again["test"] == summary["test"]
     assert again["wall_s"] < summary["wall_s"] / 3
+
+
+def test_fresh_redoes_every_stage_as_a_new_attempt_and_keeps_the_first(run, capsys):
+    out, summary, argv = run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("PNEUMORAY_RUNS", str(out))
+        fresh = pipeline.main([*argv, "--fresh"])
+    printed = capsys.readouterr().out
+    assert "done in an earlier run" not in printed
+    assert all(f"[pipeline] {stage}: starting" in printed for stage in pipeline.STAGES)
+    assert fresh["attempt"] == 2 and summary["attempt"] == 1
+    # New work, not the first attempt's resumed: new synthetic images, new runs and model versions.
+    made = json.loads((out / "stages" / "generate.json").read_text())["result"]
+    assert made["made_now"] == 16 and made["out"] == str(out / "synthetic-2")
+    assert len(list((out / "synthetic" / "images").rglob("*.png"))) == 16  # the first attempt's images stay
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    names = {r.info.run_name for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    for base in ("pipeline-sd-lora", "pipeline-generate", "pipeline-clip-real-only", "pipeline-clip-with-synthetic"):
+        assert base in names
+    assert {"pipeline-sd-lora-2", "pipeline-generate-2", "pipeline-clip-2-real-only",
+            "pipeline-clip-2-with-synthetic"} <= names
+    assert fresh["synthetic"]["adapter"] != summary["synthetic"]["adapter"]
