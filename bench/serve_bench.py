@@ -35,7 +35,7 @@ def plan(size: str, quick: bool) -> dict:
     if size == "tiny":
         return {"reps": 2 if quick else 3, "window_s": 3 if quick else 6, "warmup_s": 1.0, "first_warmup_s": 5,
                 "max_requests": 20_000}
-    return {"reps": 1, "window_s": 20 if quick else 30, "warmup_s": 10.0,
+    return {"reps": 1 if quick else 3, "window_s": 20, "warmup_s": 10.0,
             "first_warmup_s": 10, "max_requests": 2_000}
 
 
