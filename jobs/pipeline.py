@@ -42,8 +42,9 @@ class Pipeline:
         if fresh and (path.is_file() or self.stages_dir.is_dir()):
             attempt += 1
             shutil.rmtree(self.stages_dir, ignore_errors=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"attempt": attempt}))
+        if not path.is_file() or attempt != json.loads(path.read_text())["attempt"]:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _write_json(path, {"attempt": attempt})
         return attempt
 
     def name(self, base: str) -> str:
@@ -62,12 +63,17 @@ class Pipeline:
         t0 = time.perf_counter()
         result = fn()
         seconds = round(time.perf_counter() - t0, 2)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"result": result, "seconds": seconds}, indent=2, default=str))
-        os.replace(tmp, path)  # a stage counts as done only once its whole result is written
+        _write_json(path, {"result": result, "seconds": seconds})  # done only once its whole result is written
         self.results[name], self.seconds[name] = result, seconds
         print(f"[pipeline] {name}: done in {seconds:.1f} s", flush=True)
         return result
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    """All or nothing: a crash mid-write leaves the old file (or none), never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def _data(p: Pipeline) -> dict:
