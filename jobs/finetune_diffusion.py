@@ -28,7 +28,7 @@ def main(argv=None):
     with user_errors():
         profile = profile_from(args)
         d = profile["data"]
-        frame, report = manifest.load_sources(args.data, args.classes or d["classes"], d["val_fraction"], d["split_seed"])
+        frame, report = manifest.load_sources(args.data, args.classes or d["classes"], **manifest.split_settings(d))
         summary = diffusion_training.fit(profile, frame, report, args.run_name or f"sd-lora-{profile['name']}",
                                          register=not args.no_register)
     print(json.dumps(summary, indent=2))

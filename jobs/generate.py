@@ -44,7 +44,7 @@ def main(argv=None):
         classes = class_names(parse_classes(args.classes or d["classes"]))
         real = None
         if args.data:
-            real, _ = manifest.load_sources(args.data, ",".join(classes), d["val_fraction"], d["split_seed"])
+            real, _ = manifest.load_sources(args.data, ",".join(classes), **manifest.split_settings(d))
         if args.counts:
             counts = generation.parse_counts(args.counts, classes)
         elif real is not None:

@@ -92,8 +92,7 @@ def _manifest(p: Pipeline) -> dict:
     from pneumoray.data import manifest
 
     d = p.profile["data"]
-    frame, report = manifest.build(p.results["data"]["root"], p.args.classes or d["classes"], d["val_fraction"],
-                                   d["split_seed"])
+    frame, report = manifest.build(p.results["data"]["root"], p.args.classes or d["classes"], **manifest.split_settings(d))
     path = manifest.write(frame, report, p.out / "manifest.parquet")
     return {"path": str(path), "images": len(frame), "counts": report["counts"], "classes": report["classes"],
             "skipped": len(report.get("skipped", []))}
@@ -103,8 +102,7 @@ def _load_real(p: Pipeline):
     from pneumoray.data import manifest
 
     d = p.profile["data"]
-    return manifest.load_sources([p.results["manifest"]["path"]], p.args.classes or d["classes"], d["val_fraction"],
-                                 d["split_seed"])
+    return manifest.load_sources([p.results["manifest"]["path"]], p.args.classes or d["classes"], **manifest.split_settings(d))
 
 
 def _finetune(p: Pipeline) -> dict:
@@ -159,7 +157,7 @@ def _train(p: Pipeline) -> dict:
 
     d = p.profile["data"]
     frame, report = manifest.load_sources([p.results["manifest"]["path"], p.results["generate"]["manifest"]],
-                                          p.args.classes or d["classes"], d["val_fraction"], d["split_seed"])
+                                          p.args.classes or d["classes"], **manifest.split_settings(d))
     profile = _tuned_profile(p)
     without, with_ = synthetic.fit_both(profile, frame, report, p.name("pipeline-clip"))
     n_synthetic = int((frame["source"] == "synthetic").sum())

@@ -33,6 +33,95 @@ def test_kermany_sample_indexes_exactly(kermany_sample):
     assert (big.width, big.height) == (4000, 2624)
 
 
+def test_every_sample_name_has_its_patient_and_suffixed_names_share_a_split(kermany_sample):
+    frame, report = manifest.build(kermany_sample)
+    assert report["patient_id_fallback"] == 0
+    assert not frame["patient_id"].str.startswith(kermany.FALLBACK_PREFIX).any()
+    names = frame.set_index(frame.path.str.rsplit("/", n=1).str[-1])
+    suffixed = names.index[names.index.str.match(r"^(NORMAL2-)?IM-\d+-\d+-\d+\.jpeg$")]
+    assert len(suffixed) == 48  # [NORMAL2-]IM-PPPP-000K-000J.jpeg: one patient per file before the fix
+    assert names.loc["IM-0437-0001.jpeg", "patient_id"] == names.loc["IM-0437-0001-0001.jpeg", "patient_id"] == "IM-0437"
+    assert frame.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_training_images_of_test_patients_are_dropped_or_kept_on_request(tmp_path):
+    root = tmp_path / "k"
+    for name in ("IM-0001-0001-0001", "NORMAL2-IM-0001-0002", "IM-0002-0001", "IM-0003-0001", "IM-0004-0001"):
+        _jpeg(root / f"train/NORMAL/{name}.jpeg")
+    for name in ("person1_virus_1", "person2_virus_2", "person3_virus_3", "person4_virus_4"):
+        _jpeg(root / f"train/PNEUMONIA/{name}.jpeg")
+    _jpeg(root / "test/NORMAL/IM-0001-0009.jpeg")     # patient IM-0001 is in the test split too
+    _jpeg(root / "test/PNEUMONIA/person1_virus_9.jpeg")
+    frame, report = manifest.build(root, val_fraction=0.3)
+    assert report["dropped_patient_in_test"] == 3 and report["drop_test_patients"] is True
+    assert set(frame.loc[frame.split != "test", "patient_id"]) == {"IM-0002", "IM-0003", "IM-0004", "person2",
+                                                                   "person3", "person4"}
+    # the literature's setting keeps them, in train (never in validation)
+    kept, report = manifest.build(root, val_fraction=0.3, drop_test_patients=False)
+    assert report["kept_patient_in_test"] == 3 and report["dropped_patient_in_test"] == 0
+    shared = kept[kept.patient_id.isin(["IM-0001", "person1"]) & (kept.official_split == "train")]
+    assert len(shared) == 3 and set(shared.split) == {"train"}
+
+
+def _dicom(path, patient_id, value=100):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, b"\0" * 128
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.PatientID = patient_id
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.full((16, 16), value, np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_hospital_folder_dicom_patient_ids_labels_csv_and_a_warning(tmp_path):
+    root = tmp_path / "hospital"
+    for i, pid in enumerate(["A1", "A1", "B2", "C3"]):
+        _dicom(root / f"NORMAL/scan{i}.dcm", pid, value=100 + i)
+    _jpeg(root / "VIRUS/v1.jpeg")
+    _jpeg(root / "VIRUS/v2.jpeg", value=90)
+    with pytest.warns(manifest.PatientFallbackWarning, match="2 of 6 images"):
+        frame, report = manifest.build(root, classes="normal,virus", val_fraction=0)
+    by_name = frame.set_index(frame.path.str.rsplit("/", n=1).str[-1])
+    assert by_name.loc["scan0.dcm", "patient_id"] == by_name.loc["scan1.dcm", "patient_id"] == "dicom:A1"
+    assert by_name.loc["scan2.dcm", "patient_id"] == "dicom:B2"
+    assert report["patient_id_fallback"] == 2
+    # A CSV names labels and patients that the flat folder's names do not carry
+    flat = tmp_path / "flat"
+    for i in range(6):
+        _jpeg(flat / f"img{i}.jpeg", value=60 + 10 * i)
+    rows = ["path,label,patient_id", "img0.jpeg,normal,p1", "img1.jpeg,Normal,p1", "img2.jpeg,viral,p2",
+            "img3.jpeg,virus,p3", "img4.jpeg,bacterial,p4", "img5.jpeg,normal,p5", "gone.jpeg,normal,p6"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", manifest.PatientFallbackWarning)  # every image has its patient
+        frame, report = manifest.build(flat, labels=tmp_path / "labels.csv", val_fraction=0)
+    by_name = frame.set_index(frame.path.str.rsplit("/", n=1).str[-1])
+    assert by_name.loc["img1.jpeg", ["label", "patient_id"]].tolist() == ["normal", "p1"]
+    assert by_name.loc["img2.jpeg", "label"] == "virus" and by_name.loc["img4.jpeg", "label"] == "bacteria"
+    assert [s["reason"] for s in report["skipped"]] == ["listed in labels.csv line 8 but missing"]
+    (tmp_path / "bad.csv").write_text("file,label\nimg0.jpeg,normal\n")
+    with pytest.raises(manifest.DataError, match=r"lacks column\(s\) \['path'\]"):
+        manifest.build(flat, labels=tmp_path / "bad.csv")
+    (tmp_path / "bad2.csv").write_text("path,label\nimg0.jpeg,pneumonia\n")
+    with pytest.raises(manifest.DataError, match="line 2: label 'pneumonia' is not one of"):
+        manifest.build(flat, labels=tmp_path / "bad2.csv")
+    proc = subprocess.run([sys.executable, "-m", "jobs.prepare", "--data", str(flat), "--labels", str(tmp_path / "labels.csv"),
+                           "--out", str(tmp_path / "m.parquet")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(manifest.read(tmp_path / "m.parquet")[0]) == 6
+
+
 def test_validation_split_is_seeded_and_stratified(kermany_sample):
     a, _ = manifest.build(kermany_sample, seed=0)
     b, _ = manifest.build(kermany_sample, seed=0)
@@ -48,7 +137,11 @@ def test_names_both_schemes():
     assert kermany.parse_name("person1_bacteria_1") == ("bacteria", "person1")
     assert kermany.parse_name("person447_virus_921_1") == ("virus", "person447")
     assert kermany.parse_name("IM-0115-0001") == ("normal", "IM-0115")
-    assert kermany.parse_name("NORMAL2-IM-0383-0001") == ("normal", "NORMAL2-IM-0383")
+    assert kermany.parse_name("NORMAL2-IM-0383-0001") == ("normal", "IM-0383")
+    # suffixed names keep their patient; NORMAL2-IM-PPPP is grouped with IM-PPPP (the conservative reading)
+    assert kermany.parse_name("IM-0437-0001-0001") == ("normal", "IM-0437")
+    assert kermany.parse_name("NORMAL2-IM-0437-0001-0002") == ("normal", "IM-0437")
+    assert kermany.parse_name("IM-0437") == (None, None)
     assert kermany.parse_name("VIRUS-1003233-0002") == ("virus", "1003233")
     assert kermany.parse_name("BACTERIA-7-0001") == ("bacteria", "7")
     assert kermany.parse_name("holiday_photo") == (None, None)
@@ -179,6 +272,30 @@ def test_ray_data_loader_yields_model_ready_batches(ray_local, kermany_sample):
     assert batches[0]["pixel_values"].shape[1:] == (3, 32, 32)
     expected = val["class"].map({"normal": 0, "virus": 1}).tolist()
     assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == sorted(expected)
+
+
+def test_training_order_is_shuffled_globally_anew_each_epoch(ray_local, kermany_224):
+    """The whole official training split, in path order (by class): every fifth of an epoch holds every
+    class within 5 points of its share, and the next epoch has another order (issue 14, 1a)."""
+    from pneumoray.data.loader import image_dataset
+
+    frame, _ = manifest.build(kermany_224)
+    train = frame[frame.split == "train"]
+    assert len(train) >= 4000 and train.path.is_monotonic_increasing
+    classes = ["normal", "bacteria", "virus"]
+    ds = image_dataset(train, classes, 64, (0.5,) * 3, (0.25,) * 3, materialize=True, shuffle_seed=0)
+    share = train["class"].map(classes.index).value_counts(normalize=True).sort_index().to_numpy()
+    orders = []
+    for _ in range(2):  # two epochs, as a Train worker iterates its shard
+        labels = np.concatenate([b["label"] for b in ds.iter_batches(batch_size=16, batch_format="numpy")])
+        assert len(labels) == len(train)
+        for part in np.array_split(labels, 5):
+            assert np.abs(np.bincount(part, minlength=3) / len(part) - share).max() < 0.05
+        orders.append(labels)
+    assert (orders[0] != orders[1]).mean() > 0.3
+    again = image_dataset(train, classes, 64, (0.5,) * 3, (0.25,) * 3, materialize=True, shuffle_seed=0)
+    first = np.concatenate([b["label"] for b in again.iter_batches(batch_size=16, batch_format="numpy")])
+    assert (first == orders[0]).all()  # seeded: a new run sees the same first-epoch order
 
 
 def test_import_platform_is_the_standard_module():

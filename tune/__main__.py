@@ -44,7 +44,7 @@ def main(argv=None):
                 raise search.ProfileError("--num-samples must be at least 1")
             profile["tune"]["num_samples"] = args.num_samples
         d = profile["data"]
-        frame, report = manifest.load_sources(args.data, args.classes or d["classes"], d["val_fraction"], d["split_seed"])
+        frame, report = manifest.load_sources(args.data, args.classes or d["classes"], **manifest.split_settings(d))
         summary = search.run(profile, frame, report, args.name or f"tune-{profile['name']}",
                              register=not args.no_register)
     print()

@@ -102,9 +102,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(start_epoch, cfg["epochs"]):
         gen.manual_seed(cfg["seed"] * 100_003 + epoch)  # a resumed epoch draws the same noise
         losses = []
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device,
-                                                    local_shuffle_buffer_size=cfg["shuffle_buffer"],
-                                                    local_shuffle_seed=cfg["seed"] + epoch):
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device):  # shuffled each epoch
             losses.append(diffusion.train_step(parts, batch["pixel_values"], texts[batch["label"]], optimizer,
                                                generator=gen, autocast_dtype=half, scaler=scaler,
                                                max_grad_norm=cfg["max_grad_norm"]))
@@ -132,14 +130,11 @@ def _pixels_batch(batch: dict, size: int, classes: list[str]) -> dict:
             "label": np.array([classes.index(c) for c in batch["class"]], dtype=np.int64)}
 
 
-def _dataset(rows: pd.DataFrame, classes: list[str], size: int, materialize: bool):
-    import ray.data
+def _dataset(rows: pd.DataFrame, classes: list[str], size: int, materialize: bool, shuffle_seed: int | None = None):
+    from .data import loader
 
-    ds = ray.data.from_pandas(rows[["path", "class"]].reset_index(drop=True)).map_batches(
-        _pixels_batch, fn_kwargs={"size": size, "classes": classes}, batch_size=64)
-    ds = ds.materialize() if materialize else ds
-    ds.context.enable_progress_bars = False  # as in training._dataset: no bar per epoch
-    return ds
+    return loader.decoded_dataset(rows[["path", "class"]], _pixels_batch, {"size": size, "classes": classes}, 64,
+                                  materialize=materialize, shuffle_seed=shuffle_seed)
 
 
 def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, register: bool = True) -> dict:
@@ -185,7 +180,7 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
                                                              checkpoint_score_order="min"),
                 failure_config=ray.train.FailureConfig(max_failures=int(cfg["max_failures"])),
             ),
-            datasets={"train": _dataset(train_rows, classes, size, cfg["materialize"]),
+            datasets={"train": _dataset(train_rows, classes, size, cfg["materialize"], shuffle_seed=int(cfg["seed"])),
                       "val": _dataset(val_rows, classes, size, cfg["materialize"])},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )

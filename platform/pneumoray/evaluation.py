@@ -35,10 +35,35 @@ def score(logits: np.ndarray, y: np.ndarray, classes: list[str], temperature: fl
     return out
 
 
+def load_model_splits(clf, data, label_set) -> tuple[pd.DataFrame, dict]:
+    """The data under the splits the model was trained with, or DataError.
+
+    A folder is split again with the model's recorded settings (rebuilt with other ones, its validation
+    split, where the temperature is fitted, could hold the model's own training images); a manifest
+    must have been carved with those same settings.
+    """
+    trained = clf.config.get("split") or {}
+    recorded = {k: v for k, v in trained.items() if v is not None}
+    if Path(data).is_dir():
+        if not {"val_fraction", "split_seed"} <= set(recorded):
+            raise manifest.DataError(
+                f"the model records no split settings (trained before they were recorded), so {data} cannot be split "
+                "as it was for training: pass the manifest it was trained on (--data FILE.parquet)")
+        return manifest.load(data, label_set, recorded["val_fraction"], recorded["split_seed"],
+                             drop_test_patients=recorded.get("drop_test_patients", True))
+    frame, report = manifest.load(data, classes=label_set)
+    differ = {k: (report.get(k), v) for k, v in recorded.items() if report.get(k) is not None and report.get(k) != v}
+    if differ:
+        raise manifest.DataError(
+            f"{data} was split with other settings than the model was trained with ({', '.join(f'{k}: {a} here, {b} in training' for k, (a, b) in differ.items())}): "
+            "its validation split may hold training images; rebuild it with jobs.prepare and the training profile")
+    return frame, report
+
+
 def evaluate(model_uri: str, data, split: str = "test") -> dict:
     _, clf = load_model(model_uri)
     label_set = clf.config.get("label_set") or {c: c for c in clf.classes}
-    frame, report = manifest.load(data, classes=label_set)
+    frame, report = load_model_splits(clf, data, label_set)
     rows = frame[frame["split"] == split]
     if rows.empty:
         raise manifest.DataError(f"no {split} images of classes {clf.classes} in {data}; splits present: "

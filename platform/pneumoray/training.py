@@ -73,9 +73,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     for epoch in range(start_epoch, cfg["epochs"]):
         losses = []
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device,
-                                                    local_shuffle_buffer_size=cfg["shuffle_buffer"],
-                                                    local_shuffle_seed=cfg["seed"] + epoch):
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device):  # shuffled each epoch
             losses.append(classifier.train_step(model, batch["pixel_values"], batch["label"], bank, optimizer,
                                                 weights, autocast))
             scheduler.step()
@@ -170,25 +168,12 @@ def worker_config(profile: dict, classes: list[str], class_weights, n_train: int
         "warmup_epochs": float(t["warmup_epochs"]),
         "steps_per_epoch": max(1, -(-n_train // per_step)),
         "batch_size": int(t["batch_size"]),
-        "shuffle_buffer": int(t["shuffle_buffer"]),
         "precision": t["precision"],
         "seed": int(t["seed"]),
         "class_weights": class_weights,
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri,
     }
-
-
-def _dataset(rows, classes, size, mean, std, materialize: bool):
-    """Materialised, images are decoded once for all epochs (worth it when they fit in memory)."""
-    from .data import loader
-
-    ds = loader.image_dataset(rows, classes, size, mean, std)
-    ds = ds.materialize() if materialize else ds
-    # No progress bar per epoch: the driver keeps every worker's bar and redraws them all at each line
-    # it prints, which grew the demo's log to 40,000 lines. The epoch reports say the same.
-    ds.context.enable_progress_bars = False
-    return ds
 
 
 @dataclass
@@ -208,6 +193,12 @@ class TrainingInputs:
     mean: tuple
     std: tuple
     size: int
+    split: dict | None = None  # how the manifest's validation split was carved (recorded in model.json)
+
+
+def split_record(data_report: dict) -> dict:
+    """The split settings a model was trained under, so that evaluation can rebuild the same splits."""
+    return {k: data_report.get(k) for k in ("val_fraction", "split_seed", "drop_test_patients")}
 
 
 def prepare_inputs(profile: dict, frame: pd.DataFrame, data_report: dict) -> TrainingInputs:
@@ -222,10 +213,15 @@ def prepare_inputs(profile: dict, frame: pd.DataFrame, data_report: dict) -> Tra
                         "check --classes and data.val_fraction")
     train_rows, weights = balance(train_rows, t["imbalance"], classes, int(t["seed"]))
     mean, std, size = models.image_norm(models.load_processor(profile["models"]["clip"]))
-    datasets = {name: _dataset(rows, classes, size, mean, std, t["materialize"])
-                for name, rows in (("train", train_rows), ("val", val_rows))}
+    from .data import loader
+
+    # Materialised, images are decoded once for all epochs (worth it when they fit in memory).
+    datasets = {"train": loader.image_dataset(train_rows, classes, size, mean, std, materialize=t["materialize"],
+                                              shuffle_seed=int(t["seed"])),
+                "val": loader.image_dataset(val_rows, classes, size, mean, std, materialize=t["materialize"])}
     prompts = classifier.prompts_for(classes, t["templates"], t.get("class_words"))
-    return TrainingInputs(classes, data_report["label_set"], prompts, datasets, weights, len(train_rows), mean, std, size)
+    return TrainingInputs(classes, data_report["label_set"], prompts, datasets, weights, len(train_rows), mean, std, size,
+                          split_record(data_report))
 
 
 def build_trainer(profile: dict, inputs: TrainingInputs, run_name: str, run_id: str, *, tracking_uri: str,
@@ -337,7 +333,8 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
                         "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
                         "templates": list(t["templates"]), "base_model": base_ref, "image_size": size,
                         "mean": list(mean), "std": list(std), "preprocessing": "decode, 8-bit RGB, letterbox, normalise",
-                        "temperature": temperature, "val_macro_f1": state["val_macro_f1"], "epoch": state["epoch"]}
+                        "temperature": temperature, "val_macro_f1": state["val_macro_f1"], "epoch": state["epoch"],
+                        "split": inputs.split}
         # The tiny base is built on this machine only, so it travels inside the model; hub models by reference.
         base_dir = models.resolve_model(base_ref, "clip") if base_ref == models.TINY else None
         info = registry.log_classifier(Path(d, "adapter"), model_config, base_dir,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +33,16 @@ class DataError(ValueError):
     pass
 
 
+class PatientFallbackWarning(UserWarning):
+    """Some images have no patient id: each is its own patient, so a patient-grouped split cannot group them."""
+
+
+def split_settings(data_cfg: dict) -> dict:
+    """The keyword arguments of build / load / load_sources that a profile's `data:` section sets."""
+    return {"val_fraction": float(data_cfg["val_fraction"]), "seed": int(data_cfg["split_seed"]),
+            "drop_test_patients": bool(data_cfg.get("drop_test_patients", True))}
+
+
 def check_image(path: Path) -> dict:
     """Decode one file fully; its size, mode and sha256, or ImageError."""
     data = path.read_bytes()
@@ -40,15 +51,19 @@ def check_image(path: Path) -> dict:
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def index_folder(root: str | Path, source: str | None = None, workers: int | None = None):
+def index_folder(root: str | Path, source: str | None = None, workers: int | None = None, labels=None):
     """(DataFrame of decodable labelled images, list of {path, reason} for the rest).
 
+    labels: a CSV (path,label[,patient_id]) that lists the images instead of their names and folders.
     PIL releases the GIL while decoding, so threads give real parallelism here.
     """
     root = Path(root).resolve()
     if source is None:
         source = "phantom" if (root / PHANTOM_MARKER).exists() else "real"
-    entries = kermany.scan(root)
+    try:
+        entries = kermany.read_labels(labels, root) if labels else kermany.scan(root)
+    except kermany.LabelsFileError as e:
+        raise DataError(str(e)) from None
     if source == "phantom":  # the set's own contact sheet is a picture of the data, not data
         entries = [e for e in entries if e.path.parent != root]
     labelled = [e for e in entries if e.problem is None]
@@ -73,12 +88,15 @@ def index_folder(root: str | Path, source: str | None = None, workers: int | Non
     return frame, sorted(skipped, key=lambda s: s["path"])
 
 
-def assign_splits(frame: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, int]:
+def assign_splits(frame: pd.DataFrame, val_fraction: float, seed: int,
+                  drop_test_patients: bool = True) -> tuple[pd.DataFrame, int]:
     """Add `split`: the official test stays test; validation is carved from the training pool.
 
     Patient-grouped (a patient's images all land in one split), stratified by each patient's
     majority label, seeded. Training-pool images of a patient who also appears in the test split
-    are dropped, so no patient is ever in two splits; returns how many were dropped.
+    are dropped, so no patient is ever in two splits; returns how many such images there were.
+    drop_test_patients=False keeps them (the literature's setting: train on the whole official
+    training split, though Kermany's `personN` numbering is shared with its test split).
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -86,7 +104,8 @@ def assign_splits(frame: pd.DataFrame, val_fraction: float, seed: int) -> tuple[
     is_test = frame["official_split"].eq("test")
     test_patients = set(frame.loc[is_test, "patient_id"])
     overlap = ~is_test & frame["patient_id"].isin(test_patients)
-    frame = frame[~overlap]
+    if drop_test_patients:
+        frame = frame[~overlap]
     is_test = frame["official_split"].eq("test")
     frame["split"] = np.where(is_test, "test", "train")
 
@@ -107,7 +126,9 @@ def assign_splits(frame: pd.DataFrame, val_fraction: float, seed: int) -> tuple[
                 break
             val_patients.append(p)
             taken += patient_size[p]
-    frame.loc[frame["patient_id"].isin(val_patients) & ~is_test, "split"] = "val"
+    # Kept test patients' training images stay in train: validation holds no patient of the test split.
+    in_test = frame["patient_id"].isin(test_patients)
+    frame.loc[frame["patient_id"].isin(val_patients) & ~is_test & ~in_test, "split"] = "val"
     return frame, int(overlap.sum())
 
 
@@ -121,17 +142,25 @@ def apply_label_set(frame: pd.DataFrame, classes) -> tuple[pd.DataFrame, dict[st
     return frame, excluded
 
 
-def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source: str | None = None):
-    """(manifest DataFrame, report dict) for a Kermany-style folder."""
+def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source: str | None = None, *,
+          drop_test_patients: bool = True, labels=None):
+    """(manifest DataFrame, report dict) for a Kermany-style folder (or one listed by a labels CSV)."""
     mapping = parse_classes(classes)
-    frame, skipped = index_folder(root, source=source)
+    frame, skipped = index_folder(root, source=source, labels=labels)
     if frame.empty:
         raise DataError(
             f"no usable labelled images under {root} ({len(skipped)} skipped): expected the Kermany "
             "layout, e.g. train/NORMAL/IM-0115-0001.jpeg and train/PNEUMONIA/person1_virus_6.jpeg"
         )
     frame, excluded = apply_label_set(frame, mapping)
-    frame, dropped_overlap = assign_splits(frame, val_fraction, seed)
+    fallback = frame.loc[frame["patient_id"].str.startswith(kermany.FALLBACK_PREFIX), "path"]
+    if len(fallback):
+        warnings.warn(
+            f"{len(fallback)} of {len(frame)} images under {root} have no patient id (file name outside the Kermany "
+            f"schemes, no DICOM PatientID), so each is its own patient and a patient's images can leak across "
+            f"splits; e.g. {Path(fallback.iloc[0]).name}. Give --labels FILE.csv with a patient_id column",
+            PatientFallbackWarning, stacklevel=2)
+    frame, overlap = assign_splits(frame, val_fraction, seed, drop_test_patients)
     frame = frame[COLUMNS].sort_values("path", ignore_index=True)
     report = {
         "data": str(Path(root).resolve()),
@@ -139,10 +168,15 @@ def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source:
         "label_set": mapping,
         "val_fraction": val_fraction,
         "split_seed": seed,
+        "drop_test_patients": drop_test_patients,
         "images": len(frame),
         "counts": summarize(frame),
         "excluded_by_label_set": excluded,
-        "dropped_patient_in_test": dropped_overlap,
+        # training-pool images of a patient who is also in the official test split: dropped, or kept
+        "dropped_patient_in_test": overlap if drop_test_patients else 0,
+        "kept_patient_in_test": 0 if drop_test_patients else overlap,
+        "patient_id_fallback": int(len(fallback)),
+        "labels_file": str(Path(labels).resolve()) if labels else None,
         "skipped": skipped,
     }
     return frame, report
@@ -204,14 +238,15 @@ def read(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return table.to_pandas(), meta
 
 
-def load(data, classes=None, val_fraction: float = 0.15, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+def load(data, classes=None, val_fraction: float = 0.15, seed: int = 0, *,
+         drop_test_patients: bool = True) -> tuple[pd.DataFrame, dict]:
     """A manifest for `--data`: a folder (indexed now) or a manifest file, under a label set.
 
     Rows outside the label set are left out and counted in the returned report.
     """
     path = Path(data)
     if path.is_dir():
-        return build(path, classes, val_fraction, seed)
+        return build(path, classes, val_fraction, seed, drop_test_patients=drop_test_patients)
     frame, meta = read(path)
     mapping = parse_classes(classes) if classes is not None else meta.get("label_set") or parse_classes(None)
     frame, excluded = apply_label_set(frame, mapping)
@@ -222,14 +257,16 @@ def load(data, classes=None, val_fraction: float = 0.15, seed: int = 0) -> tuple
     return frame, report
 
 
-def load_sources(sources, classes=None, val_fraction: float = 0.15, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+def load_sources(sources, classes=None, val_fraction: float = 0.15, seed: int = 0, *,
+                 drop_test_patients: bool = True) -> tuple[pd.DataFrame, dict]:
     """Several `--data` sources as one manifest: real or phantom data plus synthetic manifests.
 
     Synthetic images only ever enter the training split: whatever split a synthetic row carries,
     it becomes train, so validation and test stay real.
     """
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
-    frames, reports = zip(*(load(s, classes, val_fraction, seed) for s in sources))
+    frames, reports = zip(*(load(s, classes, val_fraction, seed, drop_test_patients=drop_test_patients)
+                            for s in sources))
     mapping = parse_classes(classes) if classes is not None else reports[0]["label_set"]
     frame = pd.concat(frames, ignore_index=True)
     frame.loc[frame["source"] == "synthetic", "split"] = "train"
