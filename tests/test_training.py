@@ -146,6 +146,31 @@ def test_evaluate_a_folder_holding_only_a_test_split(trained, phantom_manifest, 
     assert result["left_out_by_label_set"] == {"bacteria": int(((frame.split == "test") & (frame.label == "bacteria")).sum())}
 
 
+def test_evaluate_splits_a_folder_as_the_model_was_trained(trained, phantom_manifest, tmp_path):
+    """Issue 14, 1d: a folder is split with the model's recorded settings (not defaults), a manifest
+    carved otherwise is refused, and a model that records none is refused for a folder."""
+    from pneumoray import evaluation
+
+    _, clf = evaluation.load_model("models:/pneumonia-clip@champion")
+    assert clf.config["split"] == {"val_fraction": 0.15, "split_seed": 0, "drop_test_patients": True}
+    frame, _ = manifest.read(phantom_manifest)
+    folder = str(Path(frame.path.iloc[0]).parents[2])
+    trained_val = set(frame.loc[(frame.split == "val") & frame.label.isin(["normal", "virus"]), "path"])
+    label_set = clf.config["label_set"]
+    rebuilt, _ = evaluation.load_model_splits(clf, folder, label_set)
+    assert set(rebuilt.loc[rebuilt.split == "val", "path"]) == trained_val
+    clf.config["split"] = {**clf.config["split"], "split_seed": 5}  # a model trained under another seed
+    other, _ = evaluation.load_model_splits(clf, folder, label_set)
+    assert set(other.loc[other.split == "val", "path"]) != trained_val
+    clf.config["split"]["split_seed"] = 0
+    reseeded = manifest.write(*manifest.build(folder, seed=3), tmp_path / "seed3.parquet")
+    with pytest.raises(manifest.DataError, match="split_seed: 3 here, 0 in training"):
+        evaluation.load_model_splits(clf, str(reseeded), label_set)
+    del clf.config["split"]
+    with pytest.raises(manifest.DataError, match="records no split settings"):
+        evaluation.load_model_splits(clf, folder, label_set)
+
+
 def test_promotion_and_demotion(trained):
     """champion only when validation macro-F1 beats the champion's; rollback = moving the alias."""
     name = "promotion-test"

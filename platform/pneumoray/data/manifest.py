@@ -152,7 +152,6 @@ def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source:
             f"no usable labelled images under {root} ({len(skipped)} skipped): expected the Kermany "
             "layout, e.g. train/NORMAL/IM-0115-0001.jpeg and train/PNEUMONIA/person1_virus_6.jpeg"
         )
-    frame, excluded = apply_label_set(frame, mapping)
     fallback = frame.loc[frame["patient_id"].str.startswith(kermany.FALLBACK_PREFIX), "path"]
     if len(fallback):
         warnings.warn(
@@ -160,7 +159,10 @@ def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source:
             f"schemes, no DICOM PatientID), so each is its own patient and a patient's images can leak across "
             f"splits; e.g. {Path(fallback.iloc[0]).name}. Give --labels FILE.csv with a patient_id column",
             PatientFallbackWarning, stacklevel=2)
+    # Splits first, then the label set: a folder is split the same way under any label set, so a model
+    # trained on a subset is evaluated on the validation patients it was selected on.
     frame, overlap = assign_splits(frame, val_fraction, seed, drop_test_patients)
+    frame, excluded = apply_label_set(frame, mapping)
     frame = frame[COLUMNS].sort_values("path", ignore_index=True)
     report = {
         "data": str(Path(root).resolve()),
