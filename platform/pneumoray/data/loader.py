@@ -27,8 +27,11 @@ def shuffled_each_epoch(ds: ray.data.Dataset, seed: int) -> ray.data.Dataset:
 
     Ray Data combines the seed with the execution index, so epoch k's order is the same in every run
     (a worker restarted from a checkpoint counts its executions anew, so its orders restart too).
+    The shuffle's tasks reserve no CPU: the Train workers may hold every CPU of a small cluster (the
+    tiny profile's one-CPU worker on a one-CPU Ray, or two runs side by side on two), and a shuffle
+    waiting for a free CPU would then wait forever; it moves rows between blocks and is brief.
     """
-    return ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
+    return ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True), num_cpus=0)
 
 
 def decoded_dataset(rows: pd.DataFrame, fn, fn_kwargs: dict, batch_size: int, *, materialize: bool,
