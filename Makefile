@@ -59,9 +59,14 @@ stack-down:
 	$(PY) -m pneumoray.stack down --dir $(STACK)
 
 # Benchmarks (bench/, README "Benchmarks"): `make bench BENCH_ARGS="--quick"` or `--only serve_rps_c32`.
-.PHONY: bench load faults
+.PHONY: bench bench-real load faults
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Accuracy on real X-rays (README "Real data"): clip_lora vs small_cnn vs zero-shot over 3 seeds.
+# `make bench-real BENCH_REAL_ARGS="--data DIR --seeds 0"`.
+bench-real: $(STAMP)
+	$(PY) -m bench real $(BENCH_REAL_ARGS)
 
 load: $(STAMP)
 	$(PY) -m bench.load $(LOAD_ARGS)

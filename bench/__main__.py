@@ -1,6 +1,7 @@
 """make bench: every benchmark, a table, and bench/results/latest.json.
 
     python -m bench [--quick] [--only NAME[,NAME]] [--sizes tiny,vitb16] [--out FILE]
+    python -m bench real [--data DIR] [--seeds 0,1,2]      # make bench-real: accuracy on real X-rays (bench/real.py)
 
 --only takes row names or their groups (serve, train, generate): `--only serve_rps_c32` runs the
 serve group at one size and keeps that row. --quick: shorter windows, fewer images, tiny size only
@@ -63,6 +64,11 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["real"]:
+        from . import real
+
+        return real.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short windows and few images (a smoke run; tiny only by default)")

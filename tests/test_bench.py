@@ -6,13 +6,17 @@ Train and generation are tested in test_serve.py, test_training.py and test_synt
 """
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from bench import __main__ as bench_main
+from conftest import REPO
 from bench import faults
 from bench.client import Req, percentile, run_load, summarize, Record
 from bench.common import PeakMemory, format_table, machine, row, validate, write_results
@@ -145,3 +149,30 @@ def test_corrupt_files_dropped_into_a_data_set_lose_nothing(tmp_path):
     assert all(result["reasons"].values())
     assert "empty" in result["reasons"]["empty"] and "truncated" in result["reasons"]["truncated_jpeg"]
     assert "too large" in result["reasons"]["declares_60000x60000"]
+
+
+def test_real_bench_figures_cross_fit_the_temperature_and_summarize_seeds():
+    from bench import real
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    logits = rng.normal(0, 1, (600, 3))
+    logits[np.arange(600), labels] += 2.0  # a fair classifier ...
+    over = logits * 10                     # ... and the same, overconfident: temperature scaling fixes most
+    fair, sharp = real.figures(logits, labels, ["a", "b", "c"]), real.figures(over, labels, ["a", "b", "c"])
+    assert fair["accuracy"] == sharp["accuracy"] and fair["macro_f1"] == pytest.approx(sharp["macro_f1"])
+    assert sharp["ece"] < 0.06 and set(fair["recall"]) == {"a", "b", "c"}
+    from pneumoray import metrics
+    raw = metrics.expected_calibration_error(metrics.softmax(over), labels)
+    assert raw > 2 * sharp["ece"]
+    row = real.summarize("x", {0: fair, 1: sharp})
+    assert row["seeds"] == [0, 1] and row["accuracy"]["sd"] == 0.0
+    assert row["ece"]["mean"] == pytest.approx((fair["ece"] + sharp["ece"]) / 2)
+    assert set(row["recall"]) == {"a", "b", "c"} and "mean" in row["recall"]["a"]
+    assert "± " in real.format_table([row])
+
+
+def test_real_bench_without_data_names_the_flag(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "real", "--data", str(tmp_path / "none")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "pass --data DIR" in proc.stderr

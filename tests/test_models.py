@@ -311,3 +311,35 @@ def test_local_folder_refs(cache_a, tmp_path):
         m.resolve_model(str(tmp_path), "clip")
     with pytest.raises(ValueError):
         m.resolve_model("tiny", "vae")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny CLIP pretrained on a training split, label-free
+# ---------------------------------------------------------------------------------------------
+
+
+def test_adapted_clip_is_cached_deterministic_and_travels_with_its_marker(cache_a, kermany_sample, tmp_path):
+    from pneumoray.data import manifest
+
+    frame, _ = manifest.build(kermany_sample)
+    train = frame[frame.split == "train"].head(48)
+    cfg = {"epochs": 2, "batch": 16, "lr": 1e-3, "temperature": 0.2, "seed": 0}
+    folder = Path(m.adapted_clip("tiny", train.path.tolist(), train.sha256.tolist(), cfg))
+    assert m.is_built_here(folder) and m.is_built_here(cache_a["clip"])
+    marker = __import__("json").loads((folder / "pneumoray_tiny.json").read_text())
+    stats = marker["pretrain_on_training_split"]
+    assert stats["images"] == 48 and stats["epochs"] == 2 and np.isfinite(stats["last_epoch_loss"])
+    # the image tower moved, the text tower did not (only images, no labels or prompts, were seen)
+    base, adapted = _weights(cache_a["clip"]), _weights(folder)
+    vision = [k for k in base if "vision_model" in k and k.endswith("q_proj.weight")]
+    text = [k for k in base if "text_model" in k and k.endswith("q_proj.weight")]
+    assert vision and all(not torch.equal(base[k], adapted[k]) for k in vision)
+    assert text and all(torch.equal(base[k], adapted[k]) for k in text)
+    # same images (in any order) and settings: the cached folder, at once; other images: another model
+    start = time.perf_counter()
+    again = m.adapted_clip("tiny", train.path.tolist()[::-1], train.sha256.tolist()[::-1], cfg)
+    assert Path(again) == folder and time.perf_counter() - start < 1.0
+    other = frame[frame.split == "train"].tail(48)
+    assert Path(m.adapted_clip("tiny", other.path.tolist(), other.sha256.tolist(), cfg)) != folder
+    model, processor = m.load_clip(str(folder))  # loads like any CLIP folder
+    assert m.image_norm(processor) == m.image_norm(m.load_processor("tiny"))

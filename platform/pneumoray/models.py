@@ -84,7 +84,7 @@ TINY_CLIP_SPEC = {
     # shrink the classifier's gradients sevenfold.
     "logit_scale_init_value": 4.6052,
     # The image tower is pretrained on generic synthetic scenes (see tiny_pretrain.py).
-    "pretrain": {"steps": 300, "batch": 64, "lr": 2e-3, "seed": 0},
+    "pretrain": {"steps": 1200, "batch": 64, "lr": 2e-3, "seed": 0},
 }
 
 TINY_SD_SPEC = {
@@ -302,43 +302,91 @@ _TINY = {
 
 
 def _build_tiny(kind: str) -> Path:
-    """Return the cached tiny model folder for ``kind``, building it first if needed.
-
-    Builds into a temp folder beside the target and renames it into place, so concurrent
-    builders (Ray workers) never see a half-written folder; a builder that loses the rename race
-    drops its copy and uses the winner's.
-    """
+    """Return the cached tiny model folder for ``kind``, building it first if needed."""
     name, spec, write = _TINY[kind]
     final = cache_dir() / "models" / name / _spec_version(spec)
+    return _build_cached(final, lambda tmp: write(tmp, spec), {"kind": kind, "version": final.name, "seed": _SEED,
+                                                                "spec": spec})
+
+
+def _build_cached(final: Path, write, marker: dict) -> Path:
+    """``final``, built by ``write(tmp_folder)`` first if it is not there yet.
+
+    Builds into a temp folder beside the target and renames it into place, so concurrent
+    builders (Ray workers) never see a half-written folder. A lock file lets a second builder wait for
+    the first instead of doing the same work; one that still loses the rename race uses the winner's.
+    """
+    from filelock import FileLock
+
     if (final / _MARKER).is_file():
         return final
-    if final.exists():
-        raise ModelUnavailableError(
-            f"{final} exists but is not a complete tiny model build (no {_MARKER}); delete it and retry"
-        )
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        start = time.perf_counter()
-        write(tmp, spec)
-        marker = {
-            "kind": kind,
-            "version": final.name,
-            "seed": _SEED,
-            "spec": spec,
-            "build_seconds": round(time.perf_counter() - start, 2),
-        }
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
-        _make_shareable(tmp)
+    locks = cache_dir() / "locks"  # beside the models, not in their folders: a folder holds builds only
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / (hashlib.sha256(str(final).encode()).hexdigest()[:16] + ".lock"))):
+        if (final / _MARKER).is_file():
+            return final
+        if final.exists():
+            raise ModelUnavailableError(
+                f"{final} exists but is not a complete model build (no {_MARKER}); delete it and retry"
+            )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its build first (target now exists and is non-empty).
-            if not (final / _MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            start = time.perf_counter()
+            extra = write(tmp) or {}
+            marker = {**marker, **extra, "build_seconds": round(time.perf_counter() - start, 2)}
+            (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
+            _make_shareable(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Another process renamed its build first (target now exists and is non-empty).
+                if not (final / _MARKER).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def is_built_here(folder: str | Path) -> bool:
+    """Whether a model folder was built by this module (tiny or adapted): it then travels inside a
+    registered model, since no hub or other machine has it."""
+    return (Path(folder) / _MARKER).is_file()
+
+
+def adapted_clip(ref: str, paths: list[str], sha256s: list[str], cfg: dict) -> str:
+    """The CLIP of ``ref`` after label-free contrastive pretraining of its image tower on ``paths``.
+
+    For the tiny CLIP, whose image tower has only seen generic scenes: it first learns from the
+    training split's own images, without their labels, what varies between radiographs (see
+    ``tiny_pretrain.contrastive_pretrain``). Give training images only, never validation or test.
+    Cached by the base model, the images' hashes and ``cfg``; deterministic like the tiny build.
+    """
+    base = Path(resolve_model(ref, "clip"))
+    sha256s, paths = zip(*sorted(zip(sha256s, paths)))  # the same set of images gives the same model
+    key = {"base": str(base.name), "images": hashlib.sha256("".join(sha256s).encode()).hexdigest(),
+           "cfg": cfg, "builder": _BUILDER_VERSION}
+    final = cache_dir() / "models" / "tiny-clip-adapted" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def write(tmp: Path) -> dict:
+        import numpy as np
+        from transformers import CLIPModel, CLIPProcessor
+
+        from .data import images
+        from .tiny_pretrain import contrastive_pretrain
+
+        processor = CLIPProcessor.from_pretrained(str(base))
+        mean, std, size = image_norm(processor)
+        grey = np.stack([np.asarray(images.letterbox(images.to_rgb(images.decode(Path(p).read_bytes())), size))[..., 0]
+                         for p in paths]).astype(np.float32) / 255.0
+        with _seeded(), _one_thread():
+            model = CLIPModel.from_pretrained(str(base))
+            stats = contrastive_pretrain(model, torch.from_numpy(grey)[:, None], mean, std, **cfg)
+        model.eval().save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        return {"pretrain_on_training_split": stats}
+
+    return str(_build_cached(final, write, {"kind": "clip", "adapted_from": str(base), **key}))
 
 
 def _make_shareable(folder: Path) -> None:

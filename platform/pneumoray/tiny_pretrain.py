@@ -98,3 +98,69 @@ def pretrain_vision(model, mean, std, steps: int = 300, batch: int = 64, lr: flo
         sched.step()
     model.eval()
     return accuracy
+
+
+# ----------------------------------------------------------------------------- on the training split, label-free
+
+def radiograph_views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random view of each grey image (N, 1, S, S) in [0, 1]: what a radiograph may vary by.
+
+    Crop and zoom (60-100 % of the side), rotation up to 15 degrees, contrast, brightness and gamma
+    (exposure and windowing) and detector noise. No flips: a chest's left and right differ.
+    """
+    n = len(x)
+    angle = (torch.rand(n, generator=g) - 0.5) * 2 * np.radians(15)
+    scale = 0.6 + 0.4 * torch.rand(n, generator=g)
+    shift = (torch.rand(n, 2, generator=g) - 0.5) * 2 * (1 - scale)[:, None]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) * scale, -torch.sin(angle) * scale
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) * scale, torch.cos(angle) * scale
+    theta[:, :, 2] = shift
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False,
+                      padding_mode="border")
+    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.8
+    brightness = (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.4
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean + brightness).clamp(1e-4, 1)
+    x = x ** torch.exp((torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.8)
+    return x + torch.randn(x.shape, generator=g) * 0.03 * torch.rand(n, 1, 1, 1, generator=g)
+
+
+@torch.enable_grad()
+def contrastive_pretrain(model, images: torch.Tensor, mean, std, epochs: int = 30, batch: int = 128,
+                         lr: float = 1e-3, temperature: float = 0.2, seed: int = 0) -> dict:
+    """SimCLR on unlabeled images (N, 1, S, S) in [0, 1]: the image tower learns what makes two views of
+    one radiograph alike and other radiographs different. No label is read. Trains the vision tower
+    and visual projection in place; returns the loss of the first and the last epoch.
+    """
+    dim = model.config.projection_dim
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, 64))
+    params = [*model.vision_model.parameters(), *model.visual_projection.parameters(), *head.parameters()]
+    batch = max(2, min(batch, len(images)))
+    per_epoch = len(images) // batch
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * per_epoch), pct_start=0.1)
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    from .models import clip_features
+
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        epoch_losses = []
+        for idx in torch.randperm(len(images), generator=g)[:per_epoch * batch].split(batch):
+            views = torch.cat([radiograph_views(images[idx], g), radiograph_views(images[idx], g)])
+            z = F.normalize(head(clip_features(model, pixel_values=(views.expand(-1, 3, -1, -1) - mean_t) / std_t)), dim=-1)
+            sim = z @ z.t() / temperature
+            sim.fill_diagonal_(float("-inf"))  # a view is not its own positive
+            k = len(idx)
+            loss = F.cross_entropy(sim, torch.cat([torch.arange(k, 2 * k), torch.arange(k)]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            epoch_losses.append(loss.item())
+        losses.append(float(np.mean(epoch_losses)))
+    model.eval()
+    return {"first_epoch_loss": losses[0], "last_epoch_loss": losses[-1], "epochs": epochs, "images": len(images)}

@@ -194,6 +194,7 @@ class TrainingInputs:
     std: tuple
     size: int
     split: dict | None = None  # how the manifest's validation split was carved (recorded in model.json)
+    clip: str | None = None    # the base CLIP the workers load: the profile's, or it pretrained on this training split
 
 
 def split_record(data_report: dict) -> dict:
@@ -211,8 +212,9 @@ def prepare_inputs(profile: dict, frame: pd.DataFrame, data_report: dict) -> Tra
     if train_rows.empty or val_rows.empty:
         raise DataError(f"need training and validation images, got {len(train_rows)} and {len(val_rows)}: "
                         "check --classes and data.val_fraction")
+    clip = base_clip(profile, train_rows)
     train_rows, weights = balance(train_rows, t["imbalance"], classes, int(t["seed"]))
-    mean, std, size = models.image_norm(models.load_processor(profile["models"]["clip"]))
+    mean, std, size = models.image_norm(models.load_processor(clip))
     from .data import loader
 
     # Materialised, images are decoded once for all epochs (worth it when they fit in memory).
@@ -221,7 +223,25 @@ def prepare_inputs(profile: dict, frame: pd.DataFrame, data_report: dict) -> Tra
                 "val": loader.image_dataset(val_rows, classes, size, mean, std, materialize=t["materialize"])}
     prompts = classifier.prompts_for(classes, t["templates"], t.get("class_words"))
     return TrainingInputs(classes, data_report["label_set"], prompts, datasets, weights, len(train_rows), mean, std, size,
-                          split_record(data_report))
+                          split_record(data_report), clip)
+
+
+def base_clip(profile: dict, train_rows: pd.DataFrame) -> str:
+    """The CLIP that training starts from: `models.clip`, or with `train.domain_pretrain` set, that model
+    after label-free contrastive pretraining on the real training images (cached; see models.adapted_clip).
+
+    Only training rows, and only real ones: validation and test images never shape the base, and the
+    runs with and without synthetic images start from the same one.
+    """
+    from . import models
+
+    ref, cfg = profile["models"]["clip"], profile["train"].get("domain_pretrain")
+    if not cfg:
+        return ref
+    real = train_rows[train_rows["source"] != "synthetic"]
+    if real.empty:
+        return ref
+    return models.adapted_clip(ref, real["path"].tolist(), real["sha256"].tolist(), dict(cfg))
 
 
 def build_trainer(profile: dict, inputs: TrainingInputs, run_name: str, run_id: str, *, tracking_uri: str,
@@ -237,8 +257,8 @@ def build_trainer(profile: dict, inputs: TrainingInputs, run_name: str, run_id: 
     t, hw = profile["train"], profile["hardware"]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(profile, inputs.classes, inputs.class_weights, inputs.n_train, run_id, tracking_uri,
-                                        inputs.prompts),
+        train_loop_config={**worker_config(profile, inputs.classes, inputs.class_weights, inputs.n_train, run_id,
+                                           tracking_uri, inputs.prompts), "model": inputs.clip or profile["models"]["clip"]},
         scaling_config=ray.train.ScalingConfig(num_workers=int(hw["num_workers"]), use_gpu=bool(hw["use_gpu"]),
                                                resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
                                                                      **({"GPU": 1} if hw["use_gpu"] else {})}),
@@ -328,15 +348,17 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
             mlflow.log_artifacts(tmp, "plots")
         mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_macro_f1": state["val_macro_f1"],
                             "temperature": temperature})
-        base_ref = profile["models"]["clip"]
+        base_ref = inputs.clip or profile["models"]["clip"]
         model_config = {"classes": classes, "label_set": label_set,
                         "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
                         "templates": list(t["templates"]), "base_model": base_ref, "image_size": size,
                         "mean": list(mean), "std": list(std), "preprocessing": "decode, 8-bit RGB, letterbox, normalise",
                         "temperature": temperature, "val_macro_f1": state["val_macro_f1"], "epoch": state["epoch"],
                         "split": inputs.split}
-        # The tiny base is built on this machine only, so it travels inside the model; hub models by reference.
-        base_dir = models.resolve_model(base_ref, "clip") if base_ref == models.TINY else None
+        # A base built on this machine (tiny, or pretrained on the training split) travels inside the model;
+        # hub models by reference.
+        base_folder = models.resolve_model(base_ref, "clip")
+        base_dir = base_folder if models.is_built_here(base_folder) else None
         info = registry.log_classifier(Path(d, "adapter"), model_config, base_dir,
                                        registry.CLIP_MODEL if register else None)
     summary["model_uri"] = info.model_uri
