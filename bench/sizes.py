@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -45,7 +42,6 @@ VITB16_SD = {
             "latent_channels": 4},
     "text": VITB16_CLIP["text"],
 }
-_MARKER = "bench_model.json"
 
 
 def clip_ref(size: str) -> str:
@@ -70,24 +66,14 @@ def sd_resolution(size: str) -> int:
 
 def _cached(name: str, spec: dict, write) -> Path:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    final = models.cache_dir() / "bench" / f"{name}-{digest}"
-    if (final / _MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             write(tmp, spec)
-        (tmp / _MARKER).write_text(json.dumps({"name": name, "spec": spec}, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / _MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    # The library's build-into-temp-then-rename (and its lock): concurrent benchmark runs share one build.
+    return models.build_cached(models.cache_dir() / "bench" / f"{name}-{digest}", build, {"name": name, "spec": spec})
 
 
 def _tokenizer(folder: Path):

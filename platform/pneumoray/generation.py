@@ -246,9 +246,12 @@ class GenerateBatch:
     images whose files are missing (a rerun never overwrites what is there)."""
 
     def __init__(self, adapter: dict, default_base: str, settings: dict, out_dir: str, tracking_uri: str | None,
-                 threads: int):
+                 threads: int, registry_uri: str | None = None):
+        # Both URIs: Ray reuses worker processes, and one that ran an earlier task may still hold that
+        # task's registry URI, which a tracking URI alone does not override.
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(registry_uri or tracking_uri)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
@@ -311,7 +314,7 @@ def run(rows: pd.DataFrame, out_dir: Path, adapter: dict, default_base: str, set
         GenerateBatch,
         fn_constructor_kwargs={"adapter": adapter, "default_base": default_base, "settings": settings,
                                "out_dir": str(out_dir), "tracking_uri": mlflow.get_tracking_uri(),
-                               "threads": int(cpus)},
+                               "registry_uri": mlflow.get_registry_uri(), "threads": int(cpus)},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=bs, num_gpus=1 if use_gpu else 0, num_cpus=cpus,
     )

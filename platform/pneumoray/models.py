@@ -305,11 +305,11 @@ def _build_tiny(kind: str) -> Path:
     """Return the cached tiny model folder for ``kind``, building it first if needed."""
     name, spec, write = _TINY[kind]
     final = cache_dir() / "models" / name / _spec_version(spec)
-    return _build_cached(final, lambda tmp: write(tmp, spec), {"kind": kind, "version": final.name, "seed": _SEED,
+    return build_cached(final, lambda tmp: write(tmp, spec), {"kind": kind, "version": final.name, "seed": _SEED,
                                                                 "spec": spec})
 
 
-def _build_cached(final: Path, write, marker: dict) -> Path:
+def build_cached(final: Path, write, marker: dict) -> Path:
     """``final``, built by ``write(tmp_folder)`` first if it is not there yet.
 
     Builds into a temp folder beside the target and renames it into place, so concurrent
@@ -386,7 +386,7 @@ def adapted_clip(ref: str, paths: list[str], sha256s: list[str], cfg: dict) -> s
         processor.save_pretrained(str(tmp))
         return {"pretrain_on_training_split": stats}
 
-    return str(_build_cached(final, write, {"kind": "clip", "adapted_from": str(base), **key}))
+    return str(build_cached(final, write, {"kind": "clip", "adapted_from": str(base), **key}))
 
 
 def _make_shareable(folder: Path) -> None:

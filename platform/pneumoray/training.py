@@ -193,8 +193,8 @@ class TrainingInputs:
     mean: tuple
     std: tuple
     size: int
-    split: dict | None = None  # how the manifest's validation split was carved (recorded in model.json)
-    clip: str | None = None    # the base CLIP the workers load: the profile's, or it pretrained on this training split
+    split: dict               # how the manifest's validation split was carved (recorded in model.json)
+    clip: str                 # the base CLIP the workers load: the profile's, or it pretrained on this training split
 
 
 def split_record(data_report: dict) -> dict:
@@ -258,7 +258,7 @@ def build_trainer(profile: dict, inputs: TrainingInputs, run_name: str, run_id: 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**worker_config(profile, inputs.classes, inputs.class_weights, inputs.n_train, run_id,
-                                           tracking_uri, inputs.prompts), "model": inputs.clip or profile["models"]["clip"]},
+                                           tracking_uri, inputs.prompts), "model": inputs.clip},
         scaling_config=ray.train.ScalingConfig(num_workers=int(hw["num_workers"]), use_gpu=bool(hw["use_gpu"]),
                                                resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
                                                                      **({"GPU": 1} if hw["use_gpu"] else {})}),
@@ -348,7 +348,7 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
             mlflow.log_artifacts(tmp, "plots")
         mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_macro_f1": state["val_macro_f1"],
                             "temperature": temperature})
-        base_ref = inputs.clip or profile["models"]["clip"]
+        base_ref = inputs.clip
         model_config = {"classes": classes, "label_set": label_set,
                         "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
                         "templates": list(t["templates"]), "base_model": base_ref, "image_size": size,
