@@ -82,14 +82,25 @@ def dicom_patient_id(path: Path) -> str | None:
     return value or None
 
 
+def official_split(path: Path, root: Path) -> str:
+    """train or test, from the nearest split folder above the file (none: the training pool)."""
+    folders = [p.lower() for p in path.relative_to(root).parts[:-1]]
+    return next((SPLIT_FOLDERS[f] for f in reversed(folders) if f in SPLIT_FOLDERS), "train")
+
+
+def patient_of(path: Path, name_patient: str | None) -> str | None:
+    """A DICOM header's PatientID (it knows the patient better than a name), else the name's patient."""
+    dicom_id = dicom_patient_id(path) if path.suffix.lower() == ".dcm" or name_patient is None else None
+    return f"dicom:{dicom_id}" if dicom_id else name_patient
+
+
 def classify(path: Path, root: Path) -> Entry:
     """Label, patient and official split of one file, from its name and the folders above it."""
     folders = [p.lower() for p in path.relative_to(root).parts[:-1]]
-    split = next((SPLIT_FOLDERS[f] for f in reversed(folders) if f in SPLIT_FOLDERS), "train")
+    split = official_split(path, root)
     allowed = next((CLASS_FOLDERS[f] for f in reversed(folders) if f in CLASS_FOLDERS), None)
     name_label, patient = parse_name(path.stem)
-    dicom_id = dicom_patient_id(path) if path.suffix.lower() == ".dcm" or patient is None else None
-    patient = f"dicom:{dicom_id}" if dicom_id else patient  # the header knows the patient better than a name
+    patient = patient_of(path, patient)
 
     def entry(label, problem=None):
         return Entry(path, label, patient if label else None, split, problem)
@@ -140,17 +151,13 @@ def read_labels(csv_path: str | Path, root: str | Path) -> list[Entry]:
         if label is None:
             raise LabelsFileError(f"--labels {csv_path} line {line}: label {row['label']!r} is not one of "
                                   f"{sorted(LABEL_WORDS)}")
-        try:
-            rel = path.relative_to(root)
-        except ValueError:
-            raise LabelsFileError(f"--labels {csv_path} line {line}: {path} is outside the data folder {root}") from None
-        split = next((SPLIT_FOLDERS[f.lower()] for f in reversed(rel.parts[:-1]) if f.lower() in SPLIT_FOLDERS), "train")
+        if not path.is_relative_to(root):
+            raise LabelsFileError(f"--labels {csv_path} line {line}: {path} is outside the data folder {root}")
+        split = official_split(path, root)
         if not path.is_file():
             entries.append(Entry(path, None, None, split, f"listed in {csv_path.name} line {line} but missing"))
             continue
-        patient = row.get("patient_id") or None
-        if patient is None:
-            patient = f"dicom:{pid}" if (pid := dicom_patient_id(path)) else parse_name(path.stem)[1]
+        patient = row.get("patient_id") or patient_of(path, parse_name(path.stem)[1])
         entries.append(Entry(path, label, patient or FALLBACK_PREFIX + path.stem, split))
     return sorted(entries, key=lambda e: str(e.path))
 
