@@ -192,7 +192,8 @@ class PneumoniaClassifier:
         kind = serving.body_kind(content_type)  # 415 before reading a byte of the body
         body = await self._body(request)
         if kind == "multipart":
-            part = serving.files_from(serving.parse_multipart(body, content_type, self.max_files + 1), single=True)[0]
+            parts = serving.parse_multipart(body, content_type, serving.SINGLE_ROUTE_MAX_PARTS, single=True)
+            part = serving.files_from(parts, single=True)[0]
             data = bytes(part.data)
             if not data:
                 raise ClientError(400, f"the uploaded file {part.filename or ''!r} is empty (0 bytes): send the file's content")

@@ -307,3 +307,84 @@ def test_import_platform_is_the_standard_module():
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([sys.executable, "-m", "jobs.prepare", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "--data" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ DICOM pixels
+
+def _dicom_file(pixels: np.ndarray, transfer_syntax=None, **attrs) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, b"\0" * 128
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_goes_through_the_modality_lut_then_the_window_as_pydicom_computes_them():
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    stored = np.tile(np.linspace(0, 4095, 80), (64, 1)).astype(np.uint16)
+    stored[10:20, 10:30] = 1800
+    data = _dicom_file(stored, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", BitsAllocated=16,
+                       BitsStored=12, HighBit=11, PixelRepresentation=0, RescaleSlope=2, RescaleIntercept=-1024,
+                       WindowCenter=1000, WindowWidth=2000)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    windowed = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+    # the window's output range: the stored range through the rescale (DICOM PS3.3 C.11.2.1.2)
+    y_min, y_max = 0 * 2 - 1024, 4095 * 2 - 1024
+    reference = np.round((windowed - y_min) / (y_max - y_min) * 255).astype(np.uint8)
+    got = np.asarray(images.decode(data))
+    assert got.shape == stored.shape
+    assert np.abs(got.astype(int) - reference).max() <= 1
+    # what the decoder did before (window on the stored values, stretched to the image's own range) is off
+    old = apply_voi_lut(stored.astype(np.float32), ds)
+    old = np.round((old - old.min()) / (old.max() - old.min()) * 255)
+    assert np.abs(old - reference).mean() > 10
+    # MONOCHROME1 is the same image inverted
+    inverted = _dicom_file(stored, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME1", BitsAllocated=16,
+                           BitsStored=12, HighBit=11, PixelRepresentation=0, RescaleSlope=2, RescaleIntercept=-1024,
+                           WindowCenter=1000, WindowWidth=2000)
+    assert np.abs((255 - np.asarray(images.decode(inverted)).astype(int)) - reference).max() <= 1
+
+
+def test_rgb_dicom_is_accepted_as_rgb():
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    data = _dicom_file(rgb, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0,
+                       BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0)
+    img = images.decode(data)
+    assert img.mode == "RGB" and np.array_equal(np.asarray(img), rgb)
+
+
+def test_a_deflated_dicom_that_inflates_past_the_limit_is_refused_before_pydicom_inflates_it():
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    tiny = np.zeros((16, 16), np.uint16)
+    common = dict(SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", BitsAllocated=16, BitsStored=12,
+                  HighBit=11, PixelRepresentation=0)
+    bomb = _dicom_file(tiny, DeflatedExplicitVRLittleEndian, **common)
+    # a private OB element of 64 MB of zeros inflates from about 64 kB
+    from pydicom.dataset import Dataset
+    import pydicom
+    ds = pydicom.dcmread(io.BytesIO(bomb))
+    ds.private_block(0x0009, "BOMB", create=True).add_new(0x10, "OB", b"\0" * 64_000_000)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    bomb = buf.getvalue()
+    assert len(bomb) < 1_000_000 and isinstance(ds, Dataset)
+    with pytest.raises(images.ImageError, match="too large.*inflates past 10 MB"):
+        images.check_deflated_dicom(bomb, 10_000_000)
+    images.check_deflated_dicom(bomb, 80_000_000)  # under its limit it passes
+    plain = _dicom_file(tiny, **common)
+    images.check_deflated_dicom(plain, 1)  # not deflated: nothing to inflate

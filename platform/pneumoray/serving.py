@@ -193,8 +193,13 @@ class Part:
     data: bytearray = field(default_factory=bytearray)
 
 
-def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
-    """multipart/form-data parsed in memory (python-multipart's streaming parser, no temp files)."""
+SINGLE_ROUTE_MAX_PARTS = 4  # /v1/classify takes one file (and room for a stray field or two)
+
+
+def parse_multipart(body: bytes, content_type: str, max_parts: int, single: bool = False) -> list[Part]:
+    """multipart/form-data parsed in memory (python-multipart's streaming parser, no temp files).
+
+    ``single``: the form is for /v1/classify, which takes one image; errors then say so."""
     from python_multipart import MultipartParser
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import parse_options_header
@@ -208,6 +213,9 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part
 
     def on_part_begin():
         if len(parts) >= max_parts:
+            if single:
+                raise ClientError(413, f"too many form fields for /v1/classify (more than {max_parts}), which takes one "
+                                       "image: send one file, or several to /v1/classify/batch")
             raise ClientError(413, f"too many form fields (more than {max_parts}): send at most {max_parts - 1} images per request (split the batch)")
         state["headers"] = {}
 
@@ -244,6 +252,8 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part
         parser.write(body)
         parser.finalize()
     except MultipartParseError as e:
+        if "header" in str(e).lower():  # python-multipart caps a part's headers (a file name of thousands of characters)
+            raise ClientError(400, f"a multipart part's headers are too long ({e}): give the file a shorter name") from None
         raise ClientError(400, f"malformed multipart body ({e}): build the form with your HTTP client "
                                "(curl -F file=@xray.jpeg URL)") from None
     if not state["ended"]:
@@ -347,9 +357,21 @@ def check_image(data: bytes, max_pixels: int) -> str:
     return kind
 
 
+def max_inflated_bytes(max_pixels: int) -> int:
+    """How far a deflated DICOM may inflate: the largest image the pixel limit allows (16-bit, three
+    samples per pixel), plus room for the header. Bounds what one upload can claim in memory."""
+    return 6 * int(max_pixels) + 16_000_000
+
+
 def _check_dicom_header(data: bytes, max_pixels: int) -> None:
     import pydicom
 
+    try:
+        images.check_deflated_dicom(data, max_inflated_bytes(max_pixels))
+    except images.ImageError as e:
+        status = 413 if "too large" in str(e) else 422
+        raise ClientError(status, f"{e}: send the DICOM uncompressed or in a pixel-compressed transfer syntax "
+                                  "(JPEG, JPEG 2000, RLE) within the pixel limit") from None
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

@@ -2,8 +2,8 @@
 
 Every image becomes 8-bit RGB the same way, whatever it was stored as: grayscale is repeated over
 three channels, 16-bit and float images are windowed to their own range, alpha is composited onto
-black (an X-ray's background), palette and CMYK go through RGB, DICOM gets its VOI LUT and
-MONOCHROME1 is inverted. Resizing keeps the aspect ratio (letterbox onto black), then the model's own
+black (an X-ray's background), palette and CMYK go through RGB, DICOM gets its modality LUT, then
+its VOI LUT, and MONOCHROME1 is inverted. Resizing keeps the aspect ratio (letterbox onto black), then the model's own
 mean and std normalise it.
 """
 
@@ -44,19 +44,72 @@ def decode(data: bytes) -> Image.Image:
     return img
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is zlib'd
+
+
+def check_deflated_dicom(data: bytes, max_bytes: int) -> None:
+    """Refuse a deflated DICOM whose data set inflates past ``max_bytes`` (ImageError saying "too large").
+
+    pydicom inflates a deflated data set whole, before any size check, so 1 MB of zlib'd zeros can
+    claim a gigabyte. Inflate here first, in bounded steps, and stop as soon as the limit is passed.
+    Files in any other transfer syntax pass untouched.
+    """
+    import zlib
+
+    from pydicom.filereader import read_preamble
+    from pydicom.filereader import _read_file_meta_info as read_meta  # noqa: PLC2701 (no public twin)
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = read_meta(fp)
+    except Exception as e:
+        raise ImageError(f"corrupt or unsupported DICOM: its file meta cannot be read ({e})") from None
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    inflater, rest, total = zlib.decompressobj(-zlib.MAX_WBITS), fp.read(), 0
+    while rest:
+        total += len(inflater.decompress(rest, 1 << 20))
+        if total > max_bytes:
+            raise ImageError(f"DICOM too large: its deflated data set inflates past {max_bytes / 1e6:.0f} MB")
+        rest = inflater.unconsumed_tail
+
+
 def _decode_dicom(data: bytes) -> Image.Image:
+    """A DICOM's first frame as the radiograph a viewer shows: stored values through the modality LUT
+    (RescaleSlope/Intercept or a LUT) into real units, then the VOI LUT (window or LUT table) mapped
+    onto 8 bits over the window's own output range, then MONOCHROME1 inverted. RGB (and YBR, which
+    pydicom converts) comes out as RGB."""
     import pydicom
-    from pydicom.pixels import apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        pixels = ds.pixel_array.astype(np.float32)
-        pixels = apply_voi_lut(pixels, ds).astype(np.float32)
+        stored = ds.pixel_array
     except Exception as e:  # pydicom raises many types for broken files
         raise ImageError(f"corrupt or unsupported DICOM: {e}") from None
-    if pixels.ndim != 2 or pixels.size == 0:
-        raise ImageError(f"unsupported DICOM: expected one 2-D grayscale frame, got shape {pixels.shape}")
-    gray = _window(pixels)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples == 3:
+        if stored.ndim != 3 or stored.shape[-1] != 3:
+            raise ImageError(f"unsupported DICOM: expected one colour frame, got shape {stored.shape}")
+        rgb = stored if stored.dtype == np.uint8 else _window(stored.astype(np.float32))
+        return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+    if stored.ndim != 2 or stored.size == 0:
+        raise ImageError(f"unsupported DICOM: expected one 2-D grayscale frame, got shape {stored.shape}")
+    try:
+        values = apply_modality_lut(stored, ds).astype(np.float64)
+        has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+        if has_voi:
+            # The VOI output range is fixed by the window (not by this image's own extremes): read it
+            # off pydicom's own function by passing values far below and above any window.
+            lo, hi = apply_voi_lut(np.array([-1e12, 1e12]), ds).astype(np.float64)
+            values = apply_voi_lut(values, ds).astype(np.float64)
+    except Exception as e:
+        raise ImageError(f"corrupt or unsupported DICOM: its LUTs cannot be applied ({e})") from None
+    if has_voi and hi > lo:
+        gray = np.round(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    else:
+        gray = _window(values)  # no window given: the image's own range
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1 stores bright bone as low values
     return Image.fromarray(gray, mode="L")
