@@ -2,11 +2,16 @@
 
     python -m jobs.generate --profile tiny --out DIR [--data REAL] [--balance | --counts normal=1000,virus=1000]
                             [--adapter models:/pneumonia-sd-lora/latest | LORA_DIR | none]
+                            [--judge models:/pneumonia-clip@champion] [--no-base]
 
 Writes DIR/images/<label>/*.png and DIR/manifest.parquet (source `synthetic`, split train). A rerun,
 or a rerun after an interruption, makes only the missing images. With --data, each class is
-compared with the real training images (Fréchet distance and KID in CLIP embedding space) and a
-sample grid is written; both are logged to MLflow.
+compared with the real training images (Fréchet distance and KID in CLIP embedding space), and so
+is the same plan made by the base pipeline with the adapter off (DIR/base/: `fd_base`, `kid_base`;
+--no-base skips it): what the fine-tune taught shows as the gap. --judge names a classifier trained
+on real images only; the share of each class's images it assigns to that class is the class's
+`label_fidelity` (and `label_fidelity_base`). DIR/samples.png shows synthetic, real and base images
+per class. All of it goes to summary.json and the MLflow run.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from pneumoray import generation, quality, tracking
 from pneumoray.cli import add_profile_args, profile_from, user_errors
@@ -33,6 +39,8 @@ def main(argv=None):
     how.add_argument("--counts", help="images per class, e.g. normal=1000,virus=1000")
     how.add_argument("--balance", action="store_true", help="bring each class up to the largest in --data (the default)")
     parser.add_argument("--adapter", default=DEFAULT_ADAPTER, help="registry URI, LoRA folder or none (default: %(default)s)")
+    parser.add_argument("--judge", help="classifier model URI trained on real images only: measures label fidelity")
+    parser.add_argument("--no-base", action="store_true", help="do not make the base pipeline's images to compare with")
     parser.add_argument("--run-name", help="MLflow run name (default: generate-<out folder name>)")
     add_profile_args(parser)
     args = parser.parse_args(argv)
@@ -80,20 +88,68 @@ def main(argv=None):
                    "generate_s": round(seconds, 2), "images_per_s": round(made / seconds, 3) if made else None}
         mlflow.log_metrics({"images_total": len(frame), "images_made": made,
                             **({"images_per_s": made / seconds} if made else {})})
-        if len(frame):
-            mlflow.log_artifact(str(quality.sample_grid(frame, out / "samples.png")), "quality")
+        base_frame = None
+        if adapter["uri"] and real is not None and not args.no_base and len(frame):
+            base_settings = {**settings, "adapter": None}
+            generation.check_settings(out / "base", base_settings)
+            generation.run(rows, out / "base", {"uri": None, "version": None}, base, base_settings, profile["hardware"])
+            base_frame = generation.manifest_frame(rows, out / "base", base_settings)
+            manifest.write(base_frame, generation.synthetic_report(base_frame, classes, base_settings),
+                           out / "base" / "manifest.parquet")
+        train_real = None
         if real is not None and len(frame):
             train_real = real[(real["split"] == "train") & (real["source"] != "synthetic")]
             result = quality.compare(train_real, frame, profile["models"]["clip"], seed=settings["seed"])
-            print(quality.format_table(result))
-            for label, m in result.items():
-                mlflow.log_metrics({f"{k}_{label}": v for k, v in m.items() if not k.startswith("n_")})
+            if base_frame is not None:
+                for label, m in quality.compare(train_real, base_frame, profile["models"]["clip"], seed=settings["seed"]).items():
+                    result.get(label, {}).update(fd_base=m["fd"], kid_base=m["kid"])
             summary["quality"] = result
+        if len(frame):
+            mlflow.log_artifact(str(quality.sample_grid(frame, out / "samples.png", real=train_real, base=base_frame)), "quality")
+        if args.judge and len(frame):
+            summary.setdefault("quality", {})
+            judge(summary["quality"], frame, base_frame, args.judge)
+        if summary.get("quality"):
+            print(quality.format_table(summary["quality"]))
+            log_quality(summary["quality"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_artifact(str(out / "summary.json"), "quality")
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     print(json.dumps({k: v for k, v in summary.items() if k != "quality"}, indent=2))
     return summary
+
+
+def judge(result: dict, frame, base_frame, judge_uri: str) -> dict:
+    """Add each class's label fidelity (synthetic, and base when made) to ``result``, in place."""
+    for label, share in quality.label_fidelity(frame, judge_uri).items():
+        result.setdefault(label, {})["label_fidelity"] = share
+    if base_frame is not None:
+        for label, share in quality.label_fidelity(base_frame, judge_uri).items():
+            result.setdefault(label, {})["label_fidelity_base"] = share
+    for m in result.values():
+        m["judge"] = judge_uri
+    return result
+
+
+def log_quality(result: dict) -> None:
+    for label, m in result.items():
+        mlflow.log_metrics({f"{k}_{label}": v for k, v in m.items() if not k.startswith("n_") and isinstance(v, (int, float))})
+
+
+def judge_folder(out: str | Path, judge_uri: str, run_name: str) -> dict:
+    """Label fidelity for a folder jobs.generate already made (the pipeline's real-only classifier
+    exists only after generation): updates its summary.json and its MLflow run; returns the quality."""
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text())
+    frame = pd.read_parquet(out / "manifest.parquet")
+    base_frame = pd.read_parquet(out / "base" / "manifest.parquet") if (out / "base" / "manifest.parquet").is_file() else None
+    result = judge(summary.setdefault("quality", {}), frame, base_frame, judge_uri)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with tracking.find_or_start_run(run_name, **{"pneumoray.stage": "generate"}):
+        log_quality(result)
+        mlflow.log_artifact(str(out / "summary.json"), "quality")
+    print(quality.format_table(result))
+    return result
 
 
 if __name__ == "__main__":

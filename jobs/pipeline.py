@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("data", "manifest", "finetune_diffusion", "generate", "tune", "train", "evaluate", "serve")
+STAGES = ("data", "manifest", "finetune_diffusion", "generate", "tune", "train", "judge", "evaluate", "serve")
 
 
 class Pipeline:
@@ -105,6 +105,30 @@ def _load_real(p: Pipeline):
     return manifest.load_sources([p.results["manifest"]["path"]], p.args.classes or d["classes"], **manifest.split_settings(d))
 
 
+def _build_clip(profile: dict, manifest_path: str, classes: str) -> None:
+    from pneumoray import models, training
+    from pneumoray.data import manifest
+
+    frame, _ = manifest.load_sources([manifest_path], classes, **manifest.split_settings(profile["data"]))
+    models.resolve_model(profile["models"]["clip"], "clip")
+    training.base_clip(profile, frame[frame["split"] == "train"])
+
+
+def _warm_clip(p: Pipeline):
+    """Build the tiny CLIP and its training-split pretraining in another process, on the core that the
+    SD stages leave idle (their pretraining runs on one thread). The stages that need the CLIP later
+    wait on the build's lock instead of building it again; on a warm cache this finds it at once."""
+    import multiprocessing
+
+    if p.profile["models"]["clip"] != "tiny":
+        return None
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_build_clip, args=(p.profile, p.results["manifest"]["path"], p.args.classes or p.profile["data"]["classes"]),
+        name="pneumoray-build-clip", daemon=True)
+    proc.start()
+    return proc
+
+
 def _finetune(p: Pipeline) -> dict:
     from pneumoray import diffusion_training
 
@@ -161,7 +185,16 @@ def _train(p: Pipeline) -> dict:
     profile = _tuned_profile(p)
     without, with_ = synthetic.fit_both(profile, frame, report, p.name("pipeline-clip"))
     n_synthetic = int((frame["source"] == "synthetic").sum())
-    return synthetic.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_)
+    return synthetic.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_,
+                            margin=float(profile["train"].get("synthetic_margin", synthetic.DEFAULT_MARGIN)))
+
+
+def _judge(p: Pipeline) -> dict:
+    """The synthetic images' label fidelity, judged by the run trained on real images only."""
+    from jobs import generate
+
+    judge_uri = p.results["train"]["synthetic"]["without_synthetic"]["model_uri"]
+    return generate.judge_folder(p.results["generate"]["out"], judge_uri, p.name("pipeline-generate"))
 
 
 def _evaluate(p: Pipeline) -> dict:
@@ -239,8 +272,8 @@ def summarize(p: Pipeline, wall_s: float) -> dict:
         "counts": {"split_class": r["manifest"]["counts"]["split_class"], "source": {
             **r["manifest"]["counts"]["source"], "synthetic": sum(r["generate"]["counts"].values())}},
         "synthetic": {"count": r["generate"]["counts"], "adapter": r["generate"]["adapter"],
-                      "quality": r["generate"].get("quality", {}), "admitted": decision["admitted"],
-                      "policy": decision["policy"]},
+                      "quality": r.get("judge") or r["generate"].get("quality", {}), "admitted": decision["admitted"],
+                      "policy": decision["policy"], "rule": decision.get("rule")},
         "best_hyperparameters": r["tune"].get("best_config") if not r["tune"].get("skipped") else None,
         "val": {"with_synthetic": decision["val_macro_f1_with"], "without_synthetic": decision["val_macro_f1_without"]},
         "test": {"with_synthetic": _test_block(ev["with_synthetic"]),
@@ -267,13 +300,18 @@ def write_report(p: Pipeline, summary: dict) -> Path:
         lines.append(f"| {key.replace('_', ' ')} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | "
                      + " | ".join(f"{v:.3f}" for v in m["recall"].values()) + " |")
     s = summary["synthetic"]
-    lines += ["", f"Synthetic images {'admitted' if s['admitted'] else 'left out'} by the `{s['policy']}` policy "
-              f"(validation macro-F1 {summary['val']['with_synthetic']:.3f} with, {summary['val']['without_synthetic']:.3f} without).",
+    lines += ["", f"Synthetic images {'admitted' if s['admitted'] else 'left out'} by the rule `{s.get('rule') or s['policy']}`.",
               "", "## Synthetic images", "", f"Counts: {s['count']}; adapter `{s['adapter']}`.", ""]
     if s["quality"]:
-        lines += ["| class | FD | FD floor (real vs real) | KID | KID floor |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {q['fd']:.2f} | {q['fd_floor']:.2f} | {q['kid']:.4f} | {q['kid_floor']:.4f} |"
-                  for c, q in s["quality"].items()]
+        f = lambda q, k, fmt: format(q[k], fmt) if k in q else "-"  # noqa: E731
+        lines += ["| class | FD | FD base (no LoRA) | FD floor (real vs real) | KID | KID base | KID floor "
+                  "| label fidelity | base label fidelity |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c} | {f(q, 'fd', '.2f')} | {f(q, 'fd_base', '.2f')} | {f(q, 'fd_floor', '.2f')} | {f(q, 'kid', '.4f')} "
+                  f"| {f(q, 'kid_base', '.4f')} | {f(q, 'kid_floor', '.4f')} | {f(q, 'label_fidelity', '.3f')} "
+                  f"| {f(q, 'label_fidelity_base', '.3f')} |" for c, q in s["quality"].items()]
+        lines += ["", "Label fidelity: the share of a class's synthetic images that the classifier trained on real "
+                  "images only assigns to that class. A KID can be slightly negative: it is an unbiased estimate "
+                  "of a distance that is zero for two samples of one distribution."]
     lines += ["", "![synthetic samples](synthetic/samples.png)", ""]
     if summary["best_hyperparameters"]:
         lines += ["## Search", "", f"Best hyper-parameters: `{summary['best_hyperparameters']}`", ""]
@@ -325,12 +363,16 @@ def main(argv=None):
         p = Pipeline(out, profile, args)
         p.stage("data", lambda: _data(p))
         p.stage("manifest", lambda: _manifest(p))
+        warm = _warm_clip(p)
         p.stage("finetune_diffusion", lambda: _finetune(p))
         p.stage("generate", lambda: _generate(p))
         p.stage("tune", lambda: _tune(p))
         p.stage("train", lambda: _train(p))
+        p.stage("judge", lambda: _judge(p))
         p.stage("evaluate", lambda: _evaluate(p))
         p.stage("serve", lambda: _serve(p))
+        if warm is not None:
+            warm.join()
     summary = summarize(p, time.perf_counter() - started)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(p, summary)

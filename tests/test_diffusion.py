@@ -216,7 +216,8 @@ def test_v_prediction_target_is_the_velocity(base_pipe, batch):
 
     pixels, prompts = batch
     pixels, text = pixels[:2], d.encode_prompts(base_pipe, prompts[:2])
-    noise = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    latent = SIZE // 2 ** (len(base_pipe.vae.config.block_out_channels) - 1)
+    noise = torch.randn(2, 4, latent, latent, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([900, 400])
     pipe_scheduler = base_pipe.scheduler
     try:

@@ -343,3 +343,32 @@ def test_adapted_clip_is_cached_deterministic_and_travels_with_its_marker(cache_
     assert Path(m.adapted_clip("tiny", other.path.tolist(), other.sha256.tolist(), cfg)) != folder
     model, processor = m.load_clip(str(folder))  # loads like any CLIP folder
     assert m.image_norm(processor) == m.image_norm(m.load_processor("tiny"))
+
+
+def test_adapted_sd_learns_the_images_label_free_is_cached_and_loads_with_diffusers(cache_a, kermany_sample):
+    from diffusers import StableDiffusionPipeline
+
+    from pneumoray.data import manifest
+
+    frame, _ = manifest.build(kermany_sample)
+    train = frame[frame.split == "train"].head(24)
+    cfg = {"vae_steps": 6, "unet_steps": 6, "batch": 4, "lr": 1e-3, "caption": "A chest X-ray",
+           "caption_dropout": 0.1, "seed": 0}
+    folder = Path(m.adapted_sd("tiny", train.path.tolist(), train.sha256.tolist(), cfg, 64))
+    assert m.is_built_here(folder)
+    stats = __import__("json").loads((folder / "pneumoray_tiny.json").read_text())["pretrain_on_training_split"]
+    assert stats["images"] == 24 and stats["unet_steps"] == 6 and np.isfinite(stats["unet_loss"])
+    # VAE and UNet moved; the text encoder (which never saw a class name) did not
+    base, adapted = _weights(cache_a["sd"]), _weights(folder)
+    for part in ("vae", "unet"):
+        keys = [k for k in base if k.startswith(part + "/")]
+        assert keys and any(not torch.equal(base[k], adapted[k]) for k in keys), part
+    text = [k for k in base if k.startswith("text_encoder/")]
+    assert text and all(torch.equal(base[k], adapted[k]) for k in text)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    # the latents' scale is measured on the images, not SD's constant
+    assert pipe.vae.config.scaling_factor == pytest.approx(stats["scaling_factor"]) != 0.18215
+    start = time.perf_counter()
+    assert Path(m.adapted_sd("tiny", train.path.tolist()[::-1], train.sha256.tolist()[::-1], cfg, 64)) == folder
+    assert time.perf_counter() - start < 1.0
+    assert Path(m.adapted_sd("tiny", train.path.tolist(), train.sha256.tolist(), {**cfg, "unet_steps": 7}, 64)) != folder

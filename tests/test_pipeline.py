@@ -12,7 +12,8 @@ from jobs import pipeline
 from pneumoray.profiles import load_profile
 
 SMALL = ["--set", "data.phantoms.patients=48", "--set", "data.phantoms.size=96", "--set", "train.epochs=2",
-         "--set", "diffusion.epochs=1", "--set", "pipeline.synthetic_counts=normal=8,virus=8"]
+         "--set", "diffusion.epochs=1", "--set", "pipeline.synthetic_counts=normal=8,virus=8",
+         "--set", "diffusion.domain_pretrain.vae_steps=20", "--set", "diffusion.domain_pretrain.unet_steps=40"]
 
 
 def _free_port() -> int:
@@ -32,13 +33,27 @@ def run(ray_local, tmp_path_factory):
         yield out, summary, argv
 
 
+def summary_models(out) -> dict:
+    train = json.loads(next((out / "stages").glob("train*.json")).read_text())
+    return {k: train["result"]["synthetic"][k]["model_uri"] for k in ("without_synthetic", "with_synthetic")}
+
+
 def test_summary_has_every_stage_and_both_test_results(run):
     out, summary, _ = run
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert list(summary["seconds"]) == list(pipeline.STAGES) and summary["wall_s"] > 0
     assert summary["counts"]["source"]["synthetic"] == 16 and summary["synthetic"]["count"] == {"normal": 8, "virus": 8}
     for label in ("normal", "virus"):
-        assert summary["synthetic"]["quality"][label]["fd"] >= 0
+        q = summary["synthetic"]["quality"][label]
+        assert q["fd"] >= 0 and q["fd_base"] >= 0
+        assert 0 <= q["label_fidelity"] <= 1 and 0 <= q["label_fidelity_base"] <= 1
+    # label fidelity is judged by the run trained on real images only, and can be recomputed from it
+    from pneumoray import quality
+    judge = summary["synthetic"]["quality"]["virus"]["judge"]
+    assert judge == summary_models(out)["without_synthetic"]
+    synthetic = __import__("pandas").read_parquet(next(out.glob("synthetic*/manifest.parquet")))
+    assert quality.label_fidelity(synthetic, judge) == {
+        c: summary["synthetic"]["quality"][c]["label_fidelity"] for c in ("normal", "virus")}
     for key in ("with_synthetic", "without_synthetic", "zero_shot"):
         block = summary["test"][key]
         assert 0 <= block["accuracy"] <= 1 and 0 <= block["macro_f1"] <= 1

@@ -274,6 +274,8 @@ MALFORMED = [
     ("corrupt DICOM", dict(data=b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage", headers={"Content-Type": "application/dicom"}), 422, "DICOM"),
     ("truncated DICOM", dict(data=dicom_bytes(cut=1000), headers={"Content-Type": "application/dicom"}), 422, "corrupt or unsupported DICOM"),
     ("DICOM declaring 5000 x 5000", dict(data=dicom_bytes(declared=(5000, 5000)), headers={"Content-Type": "application/dicom"}), 413, "25.0 megapixels"),
+    ("50 files to the one-image route", "fifty_files", 413, "which takes one image"),
+    ("a 10,000-character file name", "long_name", 400, "headers are too long"),
 ]
 
 
@@ -291,6 +293,10 @@ def _request(case, good):
         return multipart(name="image", data=jpeg)
     if case == "two_files":
         return {"files": [("file", ("a.jpeg", jpeg)), ("file", ("b.jpeg", jpeg))]}
+    if case == "fifty_files":
+        return {"files": [("file", (f"{i}.jpeg", jpeg)) for i in range(50)]}
+    if case == "long_name":
+        return {"files": [("file", ("x" * 10_000 + ".jpeg", jpeg))]}
     if case == "cut_multipart":
         body = b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n\r\n' + jpeg[:200]
         return dict(data=body, headers={"Content-Type": "multipart/form-data; boundary=bnd"})
@@ -535,6 +541,28 @@ def test_moving_the_alias_switches_versions_without_dropping_requests(service, g
     assert info["swaps"] >= 1 and info["last_poll_error"] is None and info["classes"] == CLASSES_V2
 
 
+def test_rollback_moves_the_champion_back_keeps_tags_true_and_the_endpoint_follows(service, champion, capsys):
+    from jobs import promote
+
+    client = mlflow.MlflowClient()
+    newer = client.get_model_version_by_alias(registry.CLIP_MODEL, "champion").version  # from the test above
+    assert newer != champion
+    assert client.get_model_version_by_alias(registry.CLIP_MODEL, "previous-champion").version == champion
+    # one version reads as the champion: the former one's tag is history now
+    assert client.get_model_version(registry.CLIP_MODEL, champion).tags["promotion"].startswith("previous-champion:")
+    promote.main(["--rollback", "--reason", "a test of the rollback"])
+    assert f"champion is now version {champion}" in capsys.readouterr().out
+    assert client.get_model_version_by_alias(registry.CLIP_MODEL, "champion").version == champion
+    assert client.get_model_version_by_alias(registry.CLIP_MODEL, "previous-champion").version == newer
+    tag = client.get_model_version(registry.CLIP_MODEL, champion).tags["promotion"]
+    assert tag.startswith("champion since") and f"rollback from version {newer}: a test of the rollback" in tag
+    assert client.get_model_version(registry.CLIP_MODEL, newer).tags["promotion"].startswith("previous-champion:")
+    _wait(lambda: service.model()["version"] == champion, 60, f"version {champion} to be served again", service)
+    with pytest.raises(SystemExit) as exit_:
+        promote.main(["--to", "999", "--reason", "no such version"])
+    assert exit_.value.code == 2 and "has no version 999" in capsys.readouterr().err
+
+
 def test_a_killed_replica_comes_back_under_load(service, good):
     before = service.get("/healthz").json()["replica"]
     (replica,) = service.replicas()
@@ -567,3 +595,22 @@ def test_ctrl_c_stops_the_service(service):
     assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in replicas)
     with pytest.raises(requests.ConnectionError):
         requests.get(service.url + "/healthz", timeout=5)
+
+
+def test_a_deflated_dicom_bomb_is_a_413_and_costs_no_inflation_past_the_pixel_limit():
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(rows=16, cols=16)))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.private_block(0x0009, "BOMB", create=True).add_new(0x10, "OB", b"\0" * 40_000_000)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    bomb = buf.getvalue()
+    assert len(bomb) < 500_000
+    peak = psutil.Process().memory_info().rss
+    with pytest.raises(serving.ClientError) as err:
+        serving.check_image(bomb, max_pixels=1_000_000)  # may inflate to 6 x 1 MP + 16 MB = 22 MB
+    assert err.value.status == 413 and "inflates past 22 MB" in err.value.message
+    assert psutil.Process().memory_info().rss - peak < 30_000_000
+    assert serving.check_image(bomb, max_pixels=10_000_000) == "DICOM"  # 76 MB allowed: a big but honest file

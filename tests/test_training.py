@@ -61,6 +61,12 @@ def test_run_is_tracked_in_mlflow(trained):
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
     assert artifacts == {"plots/confusion_val.png", "plots/training_curves.png"}
     assert summary["alias"] == "champion" and summary["classes"] == ["normal", "virus"]
+    # the registry and the experiment explain themselves
+    version = client.get_model_version(registry.CLIP_MODEL, summary["version"])
+    assert f"best_val_macro_f1 {summary['val_macro_f1']:.4f}" in version.description
+    assert "profile `tiny`" in version.description and "Alias decided by: champion since" in version.description
+    assert "Research use only" in client.get_registered_model(registry.CLIP_MODEL).description
+    assert "patient-grouped" in client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"]
 
 
 def test_registered_champion_loads_in_a_fresh_process(trained, runs, phantom_manifest):
@@ -182,8 +188,19 @@ def test_promotion_and_demotion(trained):
     assert registry.promote(name, versions[3], 0.70) == "champion"
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias(name, "champion").version == versions[3]
-    client.set_registered_model_alias(name, "champion", versions[0])  # rollback
+    # the dethroned champion keeps an alias and its tag tells the truth
+    assert client.get_model_version_by_alias(name, "previous-champion").version == versions[0]
+    tags = {v: client.get_model_version(name, v).tags["promotion"] for v in versions}
+    assert tags[versions[0]].startswith(f"previous-champion: champion until") and f"version {versions[3]}" in tags[versions[0]]
+    assert tags[versions[3]].startswith("champion since") and "0.7000 vs champion 0.5000" in tags[versions[3]]
+    assert [v for v, t in tags.items() if t.startswith("champion")] == [versions[3]]
+    result = registry.rollback(name, None, "worse on the ward's films")
+    assert result["champion"] == versions[0] and result["previous_champion"] == versions[3]
     assert client.get_model_version_by_alias(name, "champion").version == versions[0]
+    assert client.get_model_version_by_alias(name, "previous-champion").version == versions[3]
+    assert "rollback from version %s: worse on the ward's films" % versions[3] in client.get_model_version(name, versions[0]).tags["promotion"]
+    with pytest.raises(ValueError, match="champion already"):
+        registry.rollback(name, versions[0], "again")
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(runs, phantom_manifest, tmp_path):

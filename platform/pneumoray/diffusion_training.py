@@ -112,6 +112,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                          "lr": scheduler.get_last_lr()[0]}
         if client:
             _log_epoch(client, cfg["mlflow_run_id"], epoch_metrics, epoch)
+            with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+                _log_samples(client, cfg, pipe, epoch)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -121,6 +123,28 @@ def train_loop_per_worker(cfg: dict) -> None:
                 Path(d, STATE).write_text(json.dumps(epoch_metrics))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(epoch_metrics, checkpoint=ckpt)
+
+
+SAMPLE_SEEDS = (11, 12, 13, 14)  # the same starting noise every epoch, so the grids compare
+
+
+def _log_samples(client, cfg: dict, pipe, epoch: int) -> None:
+    """Log a grid of a few images per class, made with the adapter as it is now, as samples/epoch_N.png."""
+    from .generation import generate_images
+    from .quality import sample_grid
+
+    pipe.unet.eval()
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        rows = []
+        for label, prompt in zip(cfg["classes"], cfg["prompts"]):
+            images = generate_images(pipe, [prompt] * len(SAMPLE_SEEDS), list(SAMPLE_SEEDS), cfg["sample_steps"],
+                                     cfg["sample_guidance_scale"], int(cfg["resolution"]))
+            for i, img in enumerate(images):
+                img.save(Path(d, f"{label}-{i}.png"))
+                rows.append({"label": label, "path": str(Path(d, f"{label}-{i}.png"))})
+        grid = sample_grid(pd.DataFrame(rows), Path(d, f"epoch_{epoch:03d}.png"), per_class=len(SAMPLE_SEEDS))
+        client.log_artifact(cfg["mlflow_run_id"], str(grid), "samples")
+    pipe.unet.train()
 
 
 # ----------------------------------------------------------------------------- on the driver
@@ -156,6 +180,7 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
     size = int(cfg["resolution"])
     prompts = [diffusion.prompt_for(c, cfg["template"]) for c in classes]
     n_workers = int(hw["num_workers"])
+    base = base_sd(profile, train_rows)
     steps_per_epoch = -(-len(train_rows) // (int(cfg["batch_size"]) * n_workers))
 
     with tracking.find_or_start_run(run_name, **{"pneumoray.stage": "finetune_diffusion"}) as run:
@@ -164,7 +189,9 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
                                    "classes": ",".join(classes)}))
         mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
                          "pneumoray.images.train": len(train_rows), "pneumoray.images.val": len(val_rows)})
-        worker_cfg = {**cfg, "model": profile["models"]["sd"], "prompts": prompts, "classes": classes,
+        worker_cfg = {**cfg, "model": base, "prompts": prompts, "classes": classes,
+                      "sample_steps": int(profile["generate"]["steps"]),
+                      "sample_guidance_scale": float(profile["generate"]["guidance_scale"]),
                       "steps_per_epoch": steps_per_epoch, "cpus_per_worker": hw["cpus_per_worker"],
                       "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri()}
         trainer = TorchTrainer(
@@ -188,13 +215,36 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
         best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else result.checkpoint
         if best is None:
             raise RuntimeError(f"run {run_name} produced no checkpoint; see {tracking.runs_dir() / 'ray_results' / run_name}")
-        summary = _finish(best, profile, classes, prompts, run_id, register)
+        summary = _finish(best, profile, base, classes, prompts, run_id, register)
+        _log_loss_curve(run_id)
     initial = mlflow.MlflowClient().get_metric_history(run_id, "val_loss_initial")
     return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes,
             "val_loss_initial": initial[0].value if initial else None}
 
 
-def _finish(checkpoint, profile, classes, prompts, run_id, register) -> dict:
+def _log_loss_curve(run_id: str) -> None:
+    import mlflow
+
+    from .plots import curves_png
+
+    client = mlflow.MlflowClient()
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in ("train_loss", "val_loss")}
+    with tempfile.TemporaryDirectory() as d:
+        client.log_artifact(run_id, str(curves_png(history, Path(d, "loss_curve.png"))), "curves")
+
+
+def base_sd(profile: dict, train_rows: pd.DataFrame) -> str:
+    """The SD pipeline the LoRA is trained on: `models.sd`, or with `diffusion.domain_pretrain` set, that
+    pipeline after label-free pretraining on the real training images under one caption (cached; see
+    models.adapted_sd). Only training rows: validation and test images never shape the generator."""
+    ref, cfg = profile["models"]["sd"], profile["diffusion"].get("domain_pretrain")
+    if not cfg:
+        return ref
+    return models.adapted_sd(ref, train_rows["path"].tolist(), train_rows["sha256"].tolist(), dict(cfg),
+                             int(profile["diffusion"]["resolution"]))
+
+
+def _finish(checkpoint, profile, base, classes, prompts, run_id, register) -> dict:
     """Log the best checkpoint's adapter as the generator model and register it (once)."""
     import mlflow
 
@@ -210,14 +260,17 @@ def _finish(checkpoint, profile, classes, prompts, run_id, register) -> dict:
             return {**summary, "model_uri": f"models:/{SD_MODEL}/{existing.version}", "version": str(existing.version)}
         mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_loss": state["val_loss"]})
         base_ref = profile["models"]["sd"]
-        config = {"base_model": base_ref, "classes": classes, "prompts": dict(zip(classes, prompts)),
+        config = {"base_model": base_ref, "pretrained_on_training_split": base != base_ref, "classes": classes, "prompts": dict(zip(classes, prompts)),
                   "template": cfg["template"], "resolution": int(cfg["resolution"]), "lora": cfg["lora"],
                   "epoch": state["epoch"], "val_loss": state["val_loss"]}
-        base_dir = models.resolve_model(base_ref, "sd") if base_ref == models.TINY else None
+        # A base built on this machine (tiny, or pretrained on the training split) travels with the adapter.
+        base_dir = models.resolve_model(base, "sd") if base == models.TINY or models.is_built_here(base) else None
         info = log_generator(Path(d, "lora"), config, base_dir, SD_MODEL if register else None)
     summary["model_uri"] = info.model_uri
     if register:
         version = str(info.registered_model_version)
         mlflow.MlflowClient().set_model_version_tag(SD_MODEL, version, "pneumoray.checkpoint", checkpoint.path)
+        registry.describe(SD_MODEL, version, run_id, "registered as the latest version (generation pins a version: "
+                                                     "models:/pneumonia-sd-lora/latest resolves to it)")
         summary.update(model_uri=f"models:/{SD_MODEL}/{version}", version=version)
     return summary

@@ -80,19 +80,53 @@ def compare(real: pd.DataFrame, synthetic: pd.DataFrame, clip_ref: str, device: 
     return out
 
 
-def sample_grid(frame: pd.DataFrame, out: str | Path, per_class: int = 8, thumb: int = 96) -> Path:
-    """A PNG with one row of images per class, labelled, for a person to look at."""
-    from PIL import ImageDraw
+def label_fidelity(frame: pd.DataFrame, judge_uri: str) -> dict:
+    """Per class of ``frame``: the share of its images that the classifier ``judge_uri`` (a registered
+    or logged CLIP LoRA, trained on real images only) assigns to that class. A generator that learned
+    the classes scores near 1; one that ignores its prompt scores near the judge's base rates."""
+    from pathlib import Path as _Path
+
+    from .evaluation import load_model
+
+    _, judge = load_model(judge_uri)
+    out = {}
+    for label in sorted(frame["label"].unique()):
+        if label not in judge.classes:
+            continue
+        paths = frame.loc[frame["label"] == label, "path"]
+        predicted = judge.logits(judge.pixels([_Path(p).read_bytes() for p in paths])).argmax(axis=1)
+        out[label] = float(np.mean(predicted == judge.classes.index(label)))
+    return out
+
+
+def sample_grid(frame: pd.DataFrame, out: str | Path, real: pd.DataFrame | None = None,
+                base: pd.DataFrame | None = None, per_class: int = 8, thumb: int = 96) -> Path:
+    """A PNG for a person to look at: per class a row of synthetic images, then (when given) a row of
+    real training images of that class and a row from the base pipeline with the adapter off."""
+    from PIL import ImageDraw, ImageFont
 
     labels = sorted(frame["label"].unique())
-    label_w = 80
-    grid = Image.new("L", (label_w + per_class * thumb, max(1, len(labels)) * thumb), 255)
+    sources = [("synthetic", frame), ("real", real), ("base, no LoRA", base)]
+    sources = [(name, f) for name, f in sources if f is not None and len(f)]
+    rows = [(label, name, f.loc[f["label"] == label, "path"].head(per_class)) for label in labels for name, f in sources]
+    gap, label_w, head = 4, 150, 6
+    width = label_w + per_class * (thumb + gap)
+    height = head + sum(thumb + gap + (3 * gap if i and i % len(sources) == 0 else 0) for i in range(len(rows))) + gap
+    grid = Image.new("L", (width, max(height, thumb)), 255)
     draw = ImageDraw.Draw(grid)
-    for row, label in enumerate(labels):
-        draw.text((4, row * thumb + thumb // 2 - 6), label, fill=0)
-        for col, path in enumerate(frame.loc[frame["label"] == label, "path"].head(per_class)):
+    font = ImageFont.load_default(size=16)
+    small = ImageFont.load_default(size=13)
+    y = head
+    for i, (label, name, paths) in enumerate(rows):
+        if i and i % len(sources) == 0:
+            y += 3 * gap  # a wider gap between classes
+        if i % len(sources) == 0:
+            draw.text((6, y + thumb // 2 - 18), label, fill=0, font=font)
+        draw.text((6, y + thumb // 2 + 2), name, fill=90, font=small)
+        for col, path in enumerate(paths):
             with Image.open(path) as img:
-                grid.paste(img.convert("L").resize((thumb, thumb)), (label_w + col * thumb, row * thumb))
+                grid.paste(img.convert("L").resize((thumb, thumb)), (label_w + col * (thumb + gap), y))
+        y += thumb + gap
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
@@ -100,8 +134,17 @@ def sample_grid(frame: pd.DataFrame, out: str | Path, per_class: int = 8, thumb:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'class':<10}{'real':>6}{'synth':>7}{'FD':>10}{'FD floor':>10}{'KID':>10}{'KID floor':>11}"]
+    """The per-class quality table; base and label-fidelity columns when they were measured."""
+    any_ = lambda key: any(key in m for m in result.values())  # noqa: E731
+    cols = [("real", "n_real", "{:>6}"), ("synth", "n_synthetic", "{:>7}"), ("FD", "fd", "{:>10.3f}")]
+    cols += [("FD base", "fd_base", "{:>10.3f}")] if any_("fd_base") else []
+    cols += [("FD floor", "fd_floor", "{:>10.3f}"), ("KID", "kid", "{:>10.4f}")]
+    cols += [("KID base", "kid_base", "{:>10.4f}")] if any_("kid_base") else []
+    cols += [("KID floor", "kid_floor", "{:>11.4f}")]
+    cols += [("label fid.", "label_fidelity", "{:>11.3f}")] if any_("label_fidelity") else []
+    cols += [("base fid.", "label_fidelity_base", "{:>11.3f}")] if any_("label_fidelity_base") else []
+    width = lambda fmt: int(fmt.strip("{:>}").split(".")[0].rstrip("df"))  # noqa: E731
+    lines = [f"{'class':<10}" + "".join(f"{name:>{width(fmt)}}" for name, _, fmt in cols)]
     for label, m in result.items():
-        lines.append(f"{label:<10}{m['n_real']:>6}{m['n_synthetic']:>7}{m['fd']:>10.3f}{m['fd_floor']:>10.3f}"
-                     f"{m['kid']:>10.4f}{m['kid_floor']:>11.4f}")
+        lines.append(f"{label:<10}" + "".join(fmt.format(m[key]) if key in m else " " * width(fmt) for _, key, fmt in cols))
     return "\n".join(lines)

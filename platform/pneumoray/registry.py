@@ -66,21 +66,113 @@ def log_classifier(adapter_dir: str | Path, model_config: dict, base_dir: str | 
         )
 
 
+CHAMPION, PREVIOUS = "champion", "previous-champion"
+
+MODEL_DESCRIPTIONS = {
+    CLIP_MODEL: "Pediatric chest X-ray classifier (labels as in each version's model.json; by default normal / "
+                "bacterial / viral pneumonia): a CLIP model with a peft LoRA adapter, logits from image-vs-class-"
+                "prompt similarity, temperature-calibrated on validation. Research use only, not for diagnosis. "
+                "Load: mlflow.pyfunc.load_model('models:/pneumonia-clip@champion'); the adapter also loads with "
+                "PeftModel.from_pretrained. Aliases: champion (served), previous-champion, challenger.",
+    "pneumonia-sd-lora": "Synthetic chest X-rays per class: a Stable Diffusion LoRA (attention + projection "
+                         "layers), one adapter for all classes, prompted 'An image of {label} chest X-ray'. "
+                         "Load: pipe.load_lora_weights('<version>/artifacts/lora'), or the pyfunc "
+                         "(predict(DataFrame[label, seed]) -> PNG bytes).",
+}
+
+
+def describe(name: str, version: str | int, run_id: str, decided_by: str) -> str:
+    """Write what a person needs on the registry page: the model's description (once) and the version's:
+    which run, profile, data and split, its validation figures, and the rule that gave it its alias."""
+    client = mlflow.MlflowClient()
+    if name in MODEL_DESCRIPTIONS and not (client.get_registered_model(name).description or ""):
+        client.update_registered_model(name, description=MODEL_DESCRIPTIONS[name])
+    run = client.get_run(run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    images = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in sorted(tags.items()) if k.startswith("pneumoray.images."))
+    split = ", ".join(f"{k.split('.', 2)[-1]} {v}" for k, v in sorted(tags.items()) if k.startswith("pneumoray.split."))
+    figures = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("best_val_macro_f1", "best_val_loss", "temperature")
+                        if k in metrics)
+    text = "\n".join([
+        f"Trained by run `{run.info.run_name}` ({run_id}), profile `{tags.get('pneumoray.profile', '?')}`.",
+        f"Data: manifest sha256 {tags.get('pneumoray.manifest_sha256', '?')[:16]}; images: {images or '?'}.",
+        *([f"Split (patient-grouped; test never read in training): {split}."] if split else []),
+        f"Validation at the registered epoch ({int(metrics['best_epoch']) if 'best_epoch' in metrics else '?'}): "
+        f"{figures or '?'}.",
+        f"Alias decided by: {decided_by}.",
+    ])
+    client.update_model_version(name, str(version), description=text)
+    return text
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _alias_version(client, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def move_champion(name: str, version: str | int, why: str) -> str | None:
+    """Give ``version`` the `champion` alias; the version that held it becomes `previous-champion`.
+
+    Tags stay true: the new champion's `promotion` tag says why and when; the former champion's
+    becomes history ("champion until ..., replaced by version N"), so only one version reads as the
+    champion. Returns the former champion's version (None when there was none, or it was this one).
+    """
+    client = mlflow.MlflowClient()
+    version = str(version)
+    former = _alias_version(client, name, CHAMPION)
+    when = _now()
+    if former is not None and str(former.version) != version:
+        client.set_registered_model_alias(name, PREVIOUS, former.version)
+        client.set_model_version_tag(name, former.version, "promotion",
+                                     f"previous-champion: champion until {when}, replaced by version {version}")
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion", f"champion since {when}: {why}")
+    return str(former.version) if former is not None and str(former.version) != version else None
+
+
 def promote(name: str, version: str | int, score: float, metric: str = SCORE) -> str:
     """Give the version `champion` if it beats the champion on `metric`, else `challenger`."""
     client = mlflow.MlflowClient()
     version = str(version)
     client.set_model_version_tag(name, version, metric, repr(float(score)))  # exact, so ties stay ties
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champion = None
+    champion = _alias_version(client, name, CHAMPION)
     best = float(champion.tags.get(metric, "-inf")) if champion else -math.inf
-    alias = "champion" if champion is None or score > best else "challenger"
-    client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, "promotion",
-                                 f"{alias}: {metric} {score:.4f} vs champion {best:.4f}" if champion else f"{alias}: first version")
-    return alias
+    if champion is None or score > best:
+        move_champion(name, version, f"{metric} {score:.4f} vs champion {best:.4f}" if champion else "first version")
+        return CHAMPION
+    client.set_registered_model_alias(name, "challenger", version)
+    client.set_model_version_tag(name, version, "promotion", f"challenger: {metric} {score:.4f} vs champion {best:.4f}")
+    return "challenger"
+
+
+def rollback(name: str, to: str | int | None, reason: str) -> dict:
+    """Move `champion` back to `previous-champion` (``to`` None) or to version ``to``; records why."""
+    client = mlflow.MlflowClient()
+    current = _alias_version(client, name, CHAMPION)
+    if to is None:
+        target = _alias_version(client, name, PREVIOUS)
+        if target is None:
+            raise ValueError(f"{name} has no {PREVIOUS} alias to roll back to: name a version with --to")
+        to = target.version
+    else:
+        try:
+            client.get_model_version(name, str(to))
+        except mlflow.exceptions.MlflowException:
+            raise ValueError(f"{name} has no version {to}") from None
+    if current is not None and str(current.version) == str(to):
+        raise ValueError(f"version {to} of {name} is the champion already")
+    why = f"rollback from version {current.version if current else '-'}: {reason}"
+    move_champion(name, to, why)
+    return {"name": name, "champion": str(to), "previous_champion": str(current.version) if current else None,
+            "reason": why}
 
 
 def version_of_checkpoint(name: str, checkpoint: str):

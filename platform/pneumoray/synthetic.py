@@ -4,9 +4,15 @@
 - ``always``: train on real + synthetic (the paper's choice);
 - ``never``: drop the synthetic rows;
 - ``if_not_worse`` (the default): train twice, without and with them, and keep the synthetic images
-  only when validation macro-F1 does not drop. Both runs see the same real validation split (synthetic
-  rows only ever join the training split), so the comparison is like for like; the test split is
-  not looked at. Only the chosen model is registered and goes through the usual promotion.
+  only when validation macro-F1 with them reaches the score without them plus ``train.synthetic_margin``
+  (default 0.01). Both runs see the same real validation split (synthetic rows only ever join the
+  training split), so the comparison is like for like; the test split is not looked at. Only the
+  chosen model is registered and goes through the usual promotion.
+
+Why a margin: each side is one training run, and on the tiny profile's validation split two runs that
+differ only in their seed differ by about 0.01 in macro-F1. Compared with ``>=`` alone a tie would
+admit and noise would decide; a positive margin asks the synthetic images for a gain larger than that
+noise (0 gives the plain ``>=``, a negative one tolerates a small loss). The decision records the rule.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ def _subset_report(report: dict, frame: pd.DataFrame) -> dict:
     return {**report, "images": len(frame), "counts": summarize(frame)}
 
 
-def register_logged(model_uri: str, run_id: str, score: float) -> tuple[str, str]:
+def register_logged(model_uri: str, run_id: str, score: float, rule: str = "") -> tuple[str, str]:
     """(version, alias) for a model logged but not registered; a rerun finds the version it made."""
     client = mlflow.MlflowClient()
     found = client.search_model_versions(f"name = '{registry.CLIP_MODEL}' and run_id = '{run_id}'")
@@ -33,7 +39,10 @@ def register_logged(model_uri: str, run_id: str, score: float) -> tuple[str, str
         aliases = client.get_model_version(registry.CLIP_MODEL, version.version).aliases
         return str(version.version), aliases[0] if aliases else None
     version = str(mlflow.register_model(model_uri, registry.CLIP_MODEL).version)
-    return version, registry.promote(registry.CLIP_MODEL, version, score)
+    alias = registry.promote(registry.CLIP_MODEL, version, score)
+    promotion = client.get_model_version(registry.CLIP_MODEL, version).tags.get("promotion", "?")
+    registry.describe(registry.CLIP_MODEL, version, run_id, f"{rule}; then {promotion}" if rule else promotion)
+    return version, alias
 
 
 def _room_for_two(profile: dict) -> bool:
@@ -70,23 +79,32 @@ def fit_both(profile: dict, frame: pd.DataFrame, report: dict, run_name: str) ->
     return tuple(ray.get([fit.remote(profile, f, r, name, register=False) for f, r, name in runs]))
 
 
-def choose(policy: str, without: dict, with_: dict) -> bool:
-    """Whether the synthetic images are admitted under ``policy``."""
+DEFAULT_MARGIN = 0.01
+
+
+def choose(policy: str, without: dict, with_: dict, margin: float = DEFAULT_MARGIN) -> tuple[bool, str]:
+    """(admitted, the rule as applied, in words) under ``policy``."""
     if policy not in POLICIES:
         raise ValueError(f"train.synthetic is {policy!r}; use one of {POLICIES}")
-    return policy == "always" or (policy == "if_not_worse" and with_["val_macro_f1"] >= without["val_macro_f1"])
+    if policy != "if_not_worse":
+        return policy == "always", f"train.synthetic: {policy}"
+    w, wo = with_["val_macro_f1"], without["val_macro_f1"]
+    admitted = w >= wo + margin
+    return admitted, (f"if_not_worse: validation macro-F1 with synthetic {w:.4f} {'>=' if admitted else '<'} "
+                      f"{wo:.4f} without + margin {margin:+.3f}")
 
 
-def decide(policy: str, n_synthetic: int, without: dict, with_: dict, register: bool = True) -> dict:
+def decide(policy: str, n_synthetic: int, without: dict, with_: dict, register: bool = True,
+           margin: float = DEFAULT_MARGIN) -> dict:
     """The admitted run's summary (registered and promoted when ``register``) with the decision."""
-    admitted = choose(policy, without, with_)
+    admitted, rule = choose(policy, without, with_, margin)
     chosen = dict(with_ if admitted else without)
-    print(f"[pneumoray] synthetic images {'admitted' if admitted else 'left out'} ({policy}): validation macro-F1 "
-          f"{with_['val_macro_f1']:.4f} with them vs {without['val_macro_f1']:.4f} without")
+    print(f"[pneumoray] synthetic images {'admitted' if admitted else 'left out'} ({rule})")
     if register:
-        version, alias = register_logged(chosen["model_uri"], chosen["run_id"], chosen["val_macro_f1"])
+        version, alias = register_logged(chosen["model_uri"], chosen["run_id"], chosen["val_macro_f1"],
+                                         f"synthetic images {'admitted' if admitted else 'left out'} by {rule}")
         chosen.update(model_uri=f"models:/{registry.CLIP_MODEL}/{version}", version=version, alias=alias)
-    decision = {"policy": policy, "images": n_synthetic, "admitted": admitted,
+    decision = {"policy": policy, "margin": margin, "rule": rule, "images": n_synthetic, "admitted": admitted,
                 "val_macro_f1_with": with_["val_macro_f1"], "val_macro_f1_without": without["val_macro_f1"],
                 "with_synthetic": with_, "without_synthetic": without}
     return {**chosen, "synthetic": decision}
@@ -106,4 +124,5 @@ def fit(profile: dict, frame: pd.DataFrame, report: dict, run_name: str, registe
         real = frame[~is_synthetic].reset_index(drop=True)
         summary = training.fit(profile, real, _subset_report(report, real), run_name, register=register)
         return {**summary, "synthetic": {"policy": policy, "images": n_synthetic, "admitted": False}}
-    return decide(policy, n_synthetic, *fit_both(profile, frame, report, run_name), register=register)
+    return decide(policy, n_synthetic, *fit_both(profile, frame, report, run_name), register=register,
+                  margin=float(profile["train"].get("synthetic_margin", DEFAULT_MARGIN)))

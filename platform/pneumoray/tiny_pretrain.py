@@ -164,3 +164,62 @@ def contrastive_pretrain(model, images: torch.Tensor, mean, std, epochs: int = 3
         losses.append(float(np.mean(epoch_losses)))
     model.eval()
     return {"first_epoch_loss": losses[0], "last_epoch_loss": losses[-1], "epochs": epochs, "images": len(images)}
+
+
+# ----------------------------------------------------------------------------- the tiny Stable Diffusion
+
+@torch.enable_grad()
+def pretrain_sd(pipe, images: torch.Tensor, vae_steps: int = 150, unet_steps: int = 1000, batch: int = 16,
+                lr: float = 1e-3, caption: str = "A chest X-ray", caption_dropout: float = 0.1, seed: int = 0) -> dict:
+    """Teach a randomly initialised tiny SD pipeline what the images (N, 3, S, S) in [-1, 1] look like,
+    label-free, in place: what SD 2 brings to its LoRA fine-tune, in miniature.
+
+    First the VAE learns to reconstruct them (MSE and a tiny KL term, as SD's VAE was trained), and its
+    ``scaling_factor`` is set so that latents have unit variance; then the whole UNet learns to denoise
+    those latents under one caption for every image (dropped to the empty prompt 10 % of the time, so
+    classifier-free guidance has an unconditional model to push away from). No image is told its class:
+    the LoRA fine-tune has to teach the classes through their prompts. Returns the final losses.
+    """
+    import torch.nn.functional as F
+
+    from . import diffusion
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae, unet = pipe.vae, pipe.unet
+    vae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    vae_losses = []
+    for _ in range(vae_steps):
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        vae_losses.append(loss.item())
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+
+    parts = diffusion.training_parts(pipe)  # freezes the VAE and the text encoder
+    unet.requires_grad_(True).train()
+    captions = diffusion.encode_prompts(pipe, [caption, ""])
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, unet_steps), pct_start=0.05)
+    unet_losses = []
+    for _ in range(unet_steps):
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        dropped = (torch.rand(batch, generator=g) < caption_dropout).long()
+        loss = diffusion.diffusion_loss(parts, x, captions[dropped], generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        unet_losses.append(loss.item())
+    unet.eval().requires_grad_(False)
+    tail = lambda xs: float(np.mean(xs[-50:])) if xs else float("nan")  # noqa: E731
+    return {"vae_loss": tail(vae_losses), "unet_loss": tail(unet_losses), "vae_steps": vae_steps,
+            "unet_steps": unet_steps, "images": len(images), "scaling_factor": vae.config.scaling_factor}

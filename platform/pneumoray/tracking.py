@@ -23,6 +23,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
 
 
+EXPERIMENT_DESCRIPTION = (
+    "pneumoray: pediatric pneumonia chest X-ray classification (normal / bacterial / viral). Runs by stage "
+    "(tag pneumoray.stage): finetune_diffusion (SD LoRA), generate (synthetic images and their quality), train "
+    "(CLIP LoRA; with and without synthetic images under the train.synthetic gate), tune (a search; trials are "
+    "child runs). Splits are patient-grouped; the test split is never read in training. Models: pneumonia-clip "
+    "(alias champion is served) and pneumonia-sd-lora.")
+
+
 def setup_mlflow(experiment: str = EXPERIMENT) -> str:
     """Point MLflow at our store and experiment; returns the experiment id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -42,6 +50,8 @@ def setup_mlflow(experiment: str = EXPERIMENT) -> str:
             exp_id = client.create_experiment(experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created meanwhile by another process
             exp_id = client.get_experiment_by_name(experiment).experiment_id
+    if "mlflow.note.content" not in (client.get_experiment(exp_id).tags or {}):  # the description the UI shows
+        client.set_experiment_tag(exp_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

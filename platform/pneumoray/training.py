@@ -347,7 +347,7 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
             curves_png(history, Path(tmp, "training_curves.png"))
             mlflow.log_artifacts(tmp, "plots")
         mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_macro_f1": state["val_macro_f1"],
-                            "temperature": temperature})
+                            "best_val_accuracy": state["val_accuracy"], "temperature": temperature})
         base_ref = inputs.clip
         model_config = {"classes": classes, "label_set": label_set,
                         "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
@@ -367,6 +367,8 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
         client.set_model_version_tag(registry.CLIP_MODEL, version, "pneumoray.checkpoint", checkpoint.path)
         summary.update(model_uri=f"models:/{registry.CLIP_MODEL}/{version}", version=version,
                        alias=registry.promote(registry.CLIP_MODEL, version, state["val_macro_f1"]))
+        registry.describe(registry.CLIP_MODEL, version, run_id,
+                          client.get_model_version(registry.CLIP_MODEL, version).tags.get("promotion", "?"))
     return summary
 
 
