@@ -68,10 +68,16 @@ def check_deflated_dicom(data: bytes, max_bytes: int) -> None:
     if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
         return
     inflater, rest, total = zlib.decompressobj(-zlib.MAX_WBITS), fp.read(), 0
-    while rest:
-        total += len(inflater.decompress(rest, 1 << 20))
+    while not inflater.eof:  # bytes after the stream's end (a pad byte) are not data: stop at its end
+        try:
+            out = inflater.decompress(rest, 1 << 20)
+        except zlib.error as e:
+            raise ImageError(f"corrupt or unsupported DICOM: its deflated data set is damaged ({e})") from None
+        total += len(out)
         if total > max_bytes:
             raise ImageError(f"DICOM too large: its deflated data set inflates past {max_bytes / 1e6:.0f} MB")
+        if not out and not inflater.unconsumed_tail:
+            return  # the input ran out before the stream's end: pydicom reports the truncated file
         rest = inflater.unconsumed_tail
 
 
