@@ -236,7 +236,7 @@ def test_sd_round_trip_identical_images(cache_a, tmp_path):
     assert pipe.safety_checker is None
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.steps_offset == 1
-    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 32
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16  # 64 px over 16 x 16 latents
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     names = {n for n, _ in pipe.unet.named_modules()}
     for part in ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"):
