@@ -545,15 +545,15 @@ def test_rollback_moves_the_champion_back_keeps_tags_true_and_the_endpoint_follo
     from jobs import promote
 
     client = mlflow.MlflowClient()
-    newer = client.get_model_version_by_alias(registry.CLIP_MODEL, "champion").version  # from the test above
+    newer = str(client.get_model_version_by_alias(registry.CLIP_MODEL, "champion").version)  # from the test above
     assert newer != champion
-    assert client.get_model_version_by_alias(registry.CLIP_MODEL, "previous-champion").version == champion
+    assert str(client.get_model_version_by_alias(registry.CLIP_MODEL, "previous-champion").version) == champion
     # one version reads as the champion: the former one's tag is history now
     assert client.get_model_version(registry.CLIP_MODEL, champion).tags["promotion"].startswith("previous-champion:")
     promote.main(["--rollback", "--reason", "a test of the rollback"])
     assert f"champion is now version {champion}" in capsys.readouterr().out
-    assert client.get_model_version_by_alias(registry.CLIP_MODEL, "champion").version == champion
-    assert client.get_model_version_by_alias(registry.CLIP_MODEL, "previous-champion").version == newer
+    assert str(client.get_model_version_by_alias(registry.CLIP_MODEL, "champion").version) == champion
+    assert str(client.get_model_version_by_alias(registry.CLIP_MODEL, "previous-champion").version) == newer
     tag = client.get_model_version(registry.CLIP_MODEL, champion).tags["promotion"]
     assert tag.startswith("champion since") and f"rollback from version {newer}: a test of the rollback" in tag
     assert client.get_model_version(registry.CLIP_MODEL, newer).tags["promotion"].startswith("previous-champion:")

@@ -195,7 +195,7 @@ def test_promotion_and_demotion(trained):
     assert tags[versions[3]].startswith("champion since") and "0.7000 vs champion 0.5000" in tags[versions[3]]
     assert [v for v, t in tags.items() if t.startswith("champion")] == [versions[3]]
     result = registry.rollback(name, None, "worse on the ward's films")
-    assert result["champion"] == versions[0] and result["previous_champion"] == versions[3]
+    assert result["champion"] == str(versions[0]) and result["previous_champion"] == str(versions[3])
     assert client.get_model_version_by_alias(name, "champion").version == versions[0]
     assert client.get_model_version_by_alias(name, "previous-champion").version == versions[3]
     assert "rollback from version %s: worse on the ward's films" % versions[3] in client.get_model_version(name, versions[0]).tags["promotion"]
