@@ -99,11 +99,8 @@ def main(argv=None):
         train_real = None
         if real is not None and len(frame):
             train_real = real[(real["split"] == "train") & (real["source"] != "synthetic")]
-            result = quality.compare(train_real, frame, profile["models"]["clip"], seed=settings["seed"])
-            if base_frame is not None:
-                for label, m in quality.compare(train_real, base_frame, profile["models"]["clip"], seed=settings["seed"]).items():
-                    result.get(label, {}).update(fd_base=m["fd"], kid_base=m["kid"])
-            summary["quality"] = result
+            summary["quality"] = quality.compare(train_real, frame, profile["models"]["clip"], seed=settings["seed"],
+                                                 base=base_frame)
         if len(frame):
             mlflow.log_artifact(str(quality.sample_grid(frame, out / "samples.png", real=train_real, base=base_frame)), "quality")
         if args.judge and len(frame):

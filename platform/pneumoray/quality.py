@@ -64,8 +64,11 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 50, subset_size: int = 1000
     return float(np.mean(values)), float(np.std(values))
 
 
-def compare(real: pd.DataFrame, synthetic: pd.DataFrame, clip_ref: str, device: str = "cpu", seed: int = 0) -> dict:
-    """Per class present in both: n_real, n_synthetic, fd, kid, kid_std, and the real-vs-real floor."""
+def compare(real: pd.DataFrame, synthetic: pd.DataFrame, clip_ref: str, device: str = "cpu", seed: int = 0,
+            base: pd.DataFrame | None = None) -> dict:
+    """Per class present in both: n_real, n_synthetic, fd, kid, kid_std, and the real-vs-real floor;
+    with ``base`` (the same plan made with the adapter off) also fd_base and kid_base, against the same
+    real embeddings (each real image is embedded once)."""
     out = {}
     for label in sorted(set(real["label"]) & set(synthetic["label"])):
         r = embed(list(real.loc[real["label"] == label, "path"]), clip_ref, device=device)
@@ -77,6 +80,9 @@ def compare(real: pd.DataFrame, synthetic: pd.DataFrame, clip_ref: str, device: 
         r1, r2 = r[half[: len(r) // 2]], r[half[len(r) // 2:]]
         out[label] = {"n_real": len(r), "n_synthetic": len(s), "fd": frechet_distance(r, s), "kid": k_mean,
                       "kid_std": k_std, "fd_floor": frechet_distance(r1, r2), "kid_floor": kid(r1, r2, seed=seed)[0]}
+        b = embed(list(base.loc[base["label"] == label, "path"]), clip_ref, device=device) if base is not None else []
+        if len(b) >= 2:
+            out[label].update(fd_base=frechet_distance(r, b), kid_base=kid(r, b, seed=seed)[0])
     return out
 
 
@@ -84,8 +90,6 @@ def label_fidelity(frame: pd.DataFrame, judge_uri: str) -> dict:
     """Per class of ``frame``: the share of its images that the classifier ``judge_uri`` (a registered
     or logged CLIP LoRA, trained on real images only) assigns to that class. A generator that learned
     the classes scores near 1; one that ignores its prompt scores near the judge's base rates."""
-    from pathlib import Path as _Path
-
     from .evaluation import load_model
 
     _, judge = load_model(judge_uri)
@@ -94,7 +98,7 @@ def label_fidelity(frame: pd.DataFrame, judge_uri: str) -> dict:
         if label not in judge.classes:
             continue
         paths = frame.loc[frame["label"] == label, "path"]
-        predicted = judge.logits(judge.pixels([_Path(p).read_bytes() for p in paths])).argmax(axis=1)
+        predicted = judge.logits(judge.pixels([Path(p).read_bytes() for p in paths])).argmax(axis=1)
         out[label] = float(np.mean(predicted == judge.classes.index(label)))
     return out
 
@@ -135,16 +139,13 @@ def sample_grid(frame: pd.DataFrame, out: str | Path, real: pd.DataFrame | None 
 
 def format_table(result: dict) -> str:
     """The per-class quality table; base and label-fidelity columns when they were measured."""
-    any_ = lambda key: any(key in m for m in result.values())  # noqa: E731
-    cols = [("real", "n_real", "{:>6}"), ("synth", "n_synthetic", "{:>7}"), ("FD", "fd", "{:>10.3f}")]
-    cols += [("FD base", "fd_base", "{:>10.3f}")] if any_("fd_base") else []
-    cols += [("FD floor", "fd_floor", "{:>10.3f}"), ("KID", "kid", "{:>10.4f}")]
-    cols += [("KID base", "kid_base", "{:>10.4f}")] if any_("kid_base") else []
-    cols += [("KID floor", "kid_floor", "{:>11.4f}")]
-    cols += [("label fid.", "label_fidelity", "{:>11.3f}")] if any_("label_fidelity") else []
-    cols += [("base fid.", "label_fidelity_base", "{:>11.3f}")] if any_("label_fidelity_base") else []
-    width = lambda fmt: int(fmt.strip("{:>}").split(".")[0].rstrip("df"))  # noqa: E731
-    lines = [f"{'class':<10}" + "".join(f"{name:>{width(fmt)}}" for name, _, fmt in cols)]
+    cols = [("real", "n_real", 6, "d"), ("synth", "n_synthetic", 7, "d"), ("FD", "fd", 10, ".3f"),
+            ("FD base", "fd_base", 10, ".3f"), ("FD floor", "fd_floor", 10, ".3f"), ("KID", "kid", 10, ".4f"),
+            ("KID base", "kid_base", 10, ".4f"), ("KID floor", "kid_floor", 11, ".4f"),
+            ("label fid.", "label_fidelity", 11, ".3f"), ("base fid.", "label_fidelity_base", 11, ".3f")]
+    cols = [c for c in cols if any(c[1] in m for m in result.values())]  # only what was measured
+    lines = [f"{'class':<10}" + "".join(f"{name:>{width}}" for name, _, width, _ in cols)]
     for label, m in result.items():
-        lines.append(f"{label:<10}" + "".join(fmt.format(m[key]) if key in m else " " * width(fmt) for _, key, fmt in cols))
+        lines.append(f"{label:<10}" + "".join(f"{m[key]:>{width}{fmt}}" if key in m else " " * width
+                                              for _, key, width, fmt in cols))
     return "\n".join(lines)

@@ -118,12 +118,12 @@ def _alias_version(client, name: str, alias: str):
         return None
 
 
-def move_champion(name: str, version: str | int, why: str) -> str | None:
+def move_champion(name: str, version: str | int, why: str) -> None:
     """Give ``version`` the `champion` alias; the version that held it becomes `previous-champion`.
 
     Tags stay true: the new champion's `promotion` tag says why and when; the former champion's
     becomes history ("champion until ..., replaced by version N"), so only one version reads as the
-    champion. Returns the former champion's version (None when there was none, or it was this one).
+    champion.
     """
     client = mlflow.MlflowClient()
     version = str(version)
@@ -135,7 +135,6 @@ def move_champion(name: str, version: str | int, why: str) -> str | None:
                                      f"previous-champion: champion until {when}, replaced by version {version}")
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promotion", f"champion since {when}: {why}")
-    return str(former.version) if former is not None and str(former.version) != version else None
 
 
 def promote(name: str, version: str | int, score: float, metric: str = SCORE) -> str:
