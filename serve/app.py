@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from ray import serve
@@ -59,6 +59,7 @@ class ErrorBody(BaseModel):
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
     400: "empty, malformed or missing upload", 401: "bearer token missing or wrong (when auth is on)",
+    408: "the request body did not arrive within serve.body_timeout_s",
     413: "body, image or batch too large", 415: "content type or image format not accepted",
     422: "an image that cannot be decoded (corrupt or truncated)"}.items()}
 _IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
@@ -111,7 +112,7 @@ class PneumoniaClassifier:
         self.token_sha256 = settings.get("token_sha256") or serving.token_digest(os.environ.get(self.token_env))
         self._decode_slots = asyncio.Semaphore(int(settings["decode_concurrency"]))
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.stats = {"requests": 0, "images": 0, "rejected": 0, "batches": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "images": 0, "rejected": 0, "aborted": 0, "batches": 0, "largest_batch": 0}
         served = self.holder.current
         log.info("replica %s serving %s (version %s, alias %s); auth %s", self.replica, served.name,
                  served.version, served.alias, "on" if self.token_sha256 else "off")
@@ -131,7 +132,8 @@ class PneumoniaClassifier:
         serving.check_bearer(request.headers.get("authorization"), self.token_sha256, self.token_env)
 
     async def _body(self, request: Request) -> bytes:
-        return await serving.read_limited(request.stream(), request.headers.get("content-length"), self.body_limit)
+        return await serving.read_limited(request.stream(), request.headers.get("content-length"), self.body_limit,
+                                          float(self.settings["body_timeout_s"]))
 
     async def _prepare(self, served: serving.Served, data: bytes):
         async with self._decode_slots:  # bounds the memory of decoding at once
@@ -156,6 +158,10 @@ class PneumoniaClassifier:
         except ClientError:
             self.stats["rejected"] += 1
             raise
+        except serving.ClientAborted as e:  # the client's doing, and nobody to answer: one line, no traceback
+            self.stats["aborted"] += 1
+            log.info("client abort: %s", e)
+            return Response(status_code=499)  # nginx's "client closed request", for the access log
         except Exception as e:  # our fault, not the client's: a JSON 500, the traceback in the replica log
             log.exception("request failed")
             return JSONResponse({"error": f"internal error ({type(e).__name__}); see the replica log"}, status_code=500)

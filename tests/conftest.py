@@ -36,3 +36,19 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+def jpeg_declaring(img, width: int, height: int, **save) -> bytes:
+    """A JPEG of `img` whose frame header claims width x height (the rest of the file unchanged)."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    data = bytearray(buf.getvalue())
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 5:i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)

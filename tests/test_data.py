@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, jpeg_declaring
 from pneumoray.data import images, kermany, manifest
 from pneumoray.data.labels import LabelSetError, parse_classes
 
@@ -259,6 +259,21 @@ def test_decode_errors_name_the_problem():
         images.decode(b"hello world, definitely text")
     with pytest.raises(images.ImageError, match="DICOM"):
         images.decode(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+
+
+@pytest.mark.parametrize("mode,progressive", [("L", False), ("RGB", False), ("RGB", True)])
+def test_a_jpeg_whose_header_declares_more_than_it_holds_is_truncated(mode, progressive):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).convert(mode)
+    lying = jpeg_declaring(img, 6000, 6000, quality=90, progressive=progressive)
+    assert Image.open(io.BytesIO(lying)).size == (6000, 6000)
+    with pytest.raises(images.ImageError, match="truncated JPEG: its header declares 6000 x 6000"):
+        images.decode(lying)
+    assert images.decode(jpeg_declaring(img, 256, 256, progressive=progressive)).size == (256, 256)
+    # large but honest: a flat 4000 x 4000 frame codes to little, yet to more than a bit per block
+    flat = io.BytesIO()
+    Image.new(mode, (4000, 4000), 0).save(flat, "JPEG", progressive=progressive)
+    assert images.decode(flat.getvalue()).size == (4000, 4000)
 
 
 def test_ray_data_loader_yields_model_ready_batches(ray_local, kermany_sample):

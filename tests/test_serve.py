@@ -27,7 +27,7 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, jpeg_declaring
 from pneumoray import classifier, models, registry, serving, tracking
 from pneumoray.profiles import load_profile
 
@@ -38,7 +38,7 @@ CLASSES_V1 = ["normal", "bacteria", "virus"]
 CLASSES_V2 = ["normal", "pneumonia"]
 # Small limits, so the limits are cheap to hit; a fast alias poll and health check.
 SETTINGS = ["serve.poll_s=1", "serve.max_body_mb=1", "serve.max_pixels=1000000", "serve.max_batch_files=8",
-            "serve.max_replicas=1", "serve.health_check_period_s=1", "serve.batch_wait_ms=50"]
+            "serve.max_replicas=1", "serve.health_check_period_s=1", "serve.batch_wait_ms=50", "serve.body_timeout_s=3"]
 REPLICA = "ServeReplica:pneumoray:PneumoniaClassifier"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; browsers are never downloaded
 # Ray's own config models use a deprecated pydantic form; not ours to fix.
@@ -276,6 +276,7 @@ MALFORMED = [
     ("DICOM declaring 5000 x 5000", dict(data=dicom_bytes(declared=(5000, 5000)), headers={"Content-Type": "application/dicom"}), 413, "25.0 megapixels"),
     ("50 files to the one-image route", "fifty_files", 413, "which takes one image"),
     ("a 10,000-character file name", "long_name", 400, "headers are too long"),
+    ("JPEG declaring 1000 x 1000 over 24 x 24 of data", "lying_header", 422, "truncated JPEG"),
 ]
 
 
@@ -297,6 +298,8 @@ def _request(case, good):
         return {"files": [("file", (f"{i}.jpeg", jpeg)) for i in range(50)]}
     if case == "long_name":
         return {"files": [("file", ("x" * 10_000 + ".jpeg", jpeg))]}
+    if case == "lying_header":
+        return dict(data=jpeg_declaring(noise(24, 24), 1000, 1000), headers={"Content-Type": "image/jpeg"})
     if case == "cut_multipart":
         body = b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n\r\n' + jpeg[:200]
         return dict(data=body, headers={"Content-Type": "multipart/form-data; boundary=bnd"})
@@ -520,6 +523,78 @@ def _wait(predicate, timeout, what, service):
             pass
         time.sleep(0.3)
     pytest.fail(f"timed out waiting for {what}:\n{service.log_tail()}")
+
+
+def _slow_upload(url: str, length: int = 100_000) -> socket.socket:
+    """A client that declares a body of `length` bytes and sends its first byte (the rest comes slowly, or never)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall((f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: image/jpeg\r\nContent-Length: {length}\r\n\r\n").encode() + b"\xff")
+    return sock
+
+
+def _read_response(sock: socket.socket) -> str:
+    """One whole HTTP response (headers and a Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next((line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), b"0"))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
+def test_slow_bodies_get_408_within_the_deadline_and_a_good_request_still_gets_through(service, good):
+    slow = [_slow_upload(service.url) for _ in range(40)]  # more than the replica's 32 request slots
+    stop = threading.Event()
+
+    def trickle():  # one byte a second to each
+        while not stop.wait(1.0):
+            for sock in slow:
+                try:
+                    sock.sendall(b"\0")
+                except OSError:
+                    pass
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        started = time.time()
+        ok = service.post("/v1/classify", data=good["real.jpeg"], headers={"Content-Type": "image/jpeg"})
+        waited = time.time() - started
+        assert ok.status_code == 200, ok.text
+        assert waited < 3 + 10, f"a good request waited {waited:.1f} s behind slow uploads (deadline 3 s)"
+        for sock in slow:
+            answer = _read_response(sock)
+            assert answer.startswith("HTTP/1.1 408"), answer[:200]
+            assert "did not arrive within 3 s" in answer
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in slow:
+            sock.close()
+    assert service.get("/healthz", auth=False).status_code == 200
+
+
+def test_a_client_that_hangs_up_mid_upload_is_logged_as_an_abort_not_an_error(service):
+    before = service.log_path.read_text(errors="replace")
+    aborted_before = service.model()["stats"]["aborted"]
+    sock = _slow_upload(service.url)
+    time.sleep(0.5)
+    sock.close()
+    _wait(lambda: service.model()["stats"]["aborted"] > aborted_before, 30, "the abort to be counted", service)
+    time.sleep(1)
+    new = service.log_path.read_text(errors="replace")[len(before):]
+    assert "client abort" in new, new[-3000:]
+    assert "Traceback" not in new and "internal error" not in new and " 500" not in new, new[-3000:]
 
 
 def test_moving_the_alias_switches_versions_without_dropping_requests(service, good, champion, tmp_path):

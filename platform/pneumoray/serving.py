@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import hmac
@@ -43,6 +44,7 @@ SERVE_DEFAULTS = {
     "model": DEFAULT_MODEL,
     "poll_s": 5.0,                  # how often the registry alias is checked
     "max_body_mb": 20.0,            # request body limit (413 above it)
+    "body_timeout_s": 15.0,         # the whole body must arrive within this (408 after): slow clients hold no slot
     "max_pixels": 40_000_000,       # declared width x height limit (413 above it); 40 MP covers radiographs
     "max_batch_files": 32,          # images per /v1/classify/batch request
     "max_batch_size": 8,            # @serve.batch: images per model call
@@ -85,7 +87,7 @@ def replica_settings(profile: dict, tracking_uri: str, model: str | None = None,
     The token itself never travels: only its SHA-256, compared in constant time.
     """
     s = profile["serve"]
-    settings = {k: s[k] for k in ("poll_s", "max_body_mb", "max_pixels", "max_batch_files", "max_batch_size",
+    settings = {k: s[k] for k in ("poll_s", "max_body_mb", "body_timeout_s", "max_pixels", "max_batch_files", "max_batch_size",
                                   "batch_wait_ms", "decode_concurrency", "token_env")}
     settings.update(model=model or s["model"], tracking_uri=tracking_uri, token_sha256=token_digest(token),
                     profile=profile.get("name"), use_gpu=bool(profile.get("hardware", {}).get("use_gpu")))
@@ -167,8 +169,18 @@ def body_kind(content_type: str | None, batch: bool = False) -> str:
     raise ClientError(415, f"Content-Type {ctype or '(none)'} is not accepted{hint}: {HOW_TO_SEND}")
 
 
-async def read_limited(chunks, content_length: str | None, limit: int) -> bytes:
-    """The whole body, in memory, or 413 as soon as it passes `limit` bytes (declared or streamed)."""
+class ClientAborted(Exception):
+    """The client closed the connection before its request was read: nobody is left to answer."""
+
+
+async def read_limited(chunks, content_length: str | None, limit: int, deadline_s: float | None = None) -> bytes:
+    """The whole body, in memory, or 413 as soon as it passes `limit` bytes (declared or streamed), or
+    408 when it has not all arrived within `deadline_s`: a client that trickles its body (one byte a
+    second) holds a replica slot and a queue place only that long. ClientAborted when the client left.
+    """
+    from starlette.requests import ClientDisconnect
+
+    declared = None
     if content_length is not None:
         try:
             declared = int(content_length)
@@ -178,11 +190,20 @@ async def read_limited(chunks, content_length: str | None, limit: int) -> bytes:
             raise ClientError(413, f"request body is {_mb(declared)}, over the {_mb(limit)} limit: "
                                    "send a smaller file (downscale or recompress the image)")
     buf = bytearray()
-    async for chunk in chunks:
-        buf += chunk
-        if len(buf) > limit:
-            raise ClientError(413, f"request body is over the {_mb(limit)} limit: "
-                                   "send a smaller file (downscale or recompress the image)")
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for chunk in chunks:
+                buf += chunk
+                if len(buf) > limit:
+                    raise ClientError(413, f"request body is over the {_mb(limit)} limit: "
+                                           "send a smaller file (downscale or recompress the image)")
+    except TimeoutError:
+        of = f" of {declared:,}" if declared is not None else ""
+        raise ClientError(408, f"the request body did not arrive within {deadline_s:g} s ({len(buf):,}{of} bytes "
+                               "received): send the whole request at once; the endpoint does not wait for slow "
+                               "uploads") from None
+    except ClientDisconnect:
+        raise ClientAborted(f"the client closed the connection after {len(buf):,} bytes of its request body") from None
     return bytes(buf)
 
 
@@ -354,6 +375,11 @@ def check_image(data: bytes, max_pixels: int) -> str:
     width, height = img.size
     if width * height > max_pixels:
         raise _too_many_pixels(width, height, 1, max_pixels)
+    if kind == "JPEG":
+        try:  # before decoding: a header that declares far more pixels than the file holds
+            images.check_jpeg_complete(data)
+        except images.ImageError as e:
+            raise ClientError(422, f"{e}: send the complete file") from None
     return kind
 
 

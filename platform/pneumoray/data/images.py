@@ -41,7 +41,57 @@ def decode(data: bytes) -> Image.Image:
         raise ImageError(f"corrupt or truncated image: {e}") from None
     if img.width == 0 or img.height == 0:
         raise ImageError("image has zero width or height")
+    if img.format == "JPEG":
+        check_jpeg_complete(data)
     return img
+
+
+def _jpeg_frame(data: bytes):
+    """(width, height, [(h, v) sampling per component]) from a JPEG's SOF segment, and where its first
+    scan's entropy-coded data starts; None where the markers cannot be walked."""
+    i, frame = 2, None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            seg = data[i + 4:i + 2 + length]
+            if len(seg) < 6:
+                return None
+            height, width, n = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+            sampling = [(seg[7 + 3 * k] >> 4, seg[7 + 3 * k] & 15) for k in range(n) if 8 + 3 * k <= len(seg)]
+            frame = (width, height, sampling)
+        if marker == 0xDA:  # start of scan: entropy-coded data follows the header
+            return (frame, i + 2 + length) if frame else None
+        i += 2 + length
+    return None
+
+
+def check_jpeg_complete(data: bytes) -> None:
+    """Refuse a JPEG that holds far less coded data than its header declares pixels (ImageError).
+
+    libjpeg treats a scan that ends early (at EOI) as a warning and fills the rest with flat colour,
+    and Pillow then returns the image without a word: a 6000 x 6000 header over 256 x 256 of data
+    decodes "fine". Every 8 x 8 block of every component costs at least one bit of coded data (its DC
+    code), so fewer coded bits than blocks means the data stops early.
+    """
+    found = _jpeg_frame(data)
+    if not found:
+        return
+    (width, height, sampling), start = found
+    if not width or not height or not sampling:
+        return  # height 0: defined later by a DNL marker; nothing to bound here
+    h_max, v_max = max(h for h, _ in sampling) or 1, max(v for _, v in sampling) or 1
+    blocks = sum(-(-(-(-width * h // h_max)) // 8) * -(-(-(-height * v // v_max)) // 8) for h, v in sampling)
+    coded_bits = 8 * (len(data) - start)  # an upper bound: later headers and markers count as data too
+    if coded_bits < blocks:
+        raise ImageError(f"truncated JPEG: its header declares {width} x {height} pixels ({blocks:,} blocks of "
+                         f"8 x 8) but it holds only {len(data) - start:,} bytes of image data, less than one bit per "
+                         "block; the file was cut short or its header altered")
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is zlib'd
