@@ -40,7 +40,7 @@ demo: $(STAMP)
 	@echo "MLflow UI:      .venv/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db --host 127.0.0.1  -> http://127.0.0.1:5000"
 	@echo "Ray dashboard:  make stack-up, then open http://127.0.0.1:8265 (jobs submitted to the stack show there)"
 	@echo "Endpoint:       PNEUMORAY_RUNS=$(DEMO) .venv/bin/python -m serve --port 8000"
-	@echo "                curl -F file=@$$(ls $(DEMO)/phantoms/test/PNEUMONIA/*.jpeg | head -1) http://127.0.0.1:8000/v1/classify"
+	@echo "                curl -H \"Authorization: Bearer \$$(cat $(DEMO)/serve-token)\" -F file=@$$(ls $(DEMO)/phantoms/test/PNEUMONIA/*.jpeg | head -1) http://127.0.0.1:8000/v1/classify"
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q

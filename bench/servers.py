@@ -173,7 +173,8 @@ class Server:
 def start_ours(store: Path, log_dir: Path, settings=(), port: int | None = None) -> Server:
     port = port or free_port()
     log_path = log_dir / f"ours-{port}.log"
-    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--no-dashboard"]
+    # --no-auth (loopback): the baseline has no auth either, and the load clients send no token
+    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--no-dashboard", "--no-auth"]
     for s in settings:
         cmd += ["--set", s]
     with open(log_path, "wb") as log:

@@ -228,23 +228,26 @@ def _serve(p: Pipeline) -> dict:
     port = p.args.serve_port
     if not ray.is_initialized():
         ray.init()
+    profile = serving.serve_profile(p.profile)
+    token, token_file = serving.endpoint_token(profile["serve"]["token_env"])  # auth on, as python -m serve has it
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        ray_serve.run(application(serving.serve_profile(p.profile), tracking.tracking_uri()), name="pneumoray",
-                      route_prefix="/")
+        ray_serve.run(application(profile, tracking.tracking_uri(), token=token), name="pneumoray", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/classify"
         t0 = time.perf_counter()
         with image.open("rb") as f:
-            response = requests.post(url, files={"file": (image.name, f, "image/jpeg")}, timeout=120)
+            response = requests.post(url, files={"file": (image.name, f, "image/jpeg")}, timeout=120,
+                                     headers={"Authorization": f"Bearer {token}"})
         answer = {"status": response.status_code, "body": response.json(),
                   "client_latency_ms": round(1000 * (time.perf_counter() - t0), 1)}
     finally:
         ray_serve.shutdown()
+    bearer = token_file if token_file.startswith("$") else f"$(cat {token_file})"  # the variable, or the file
     if answer["status"] != 200:
         raise RuntimeError(f"the endpoint answered {answer['status']}: {answer['body']}")
     return {"url": url, "image": image.name, "true_label": frame.loc[frame["path"] == str(image), "label"].iloc[0],
             "answer": answer["body"], "client_latency_ms": answer["client_latency_ms"],
-            "curl": f"curl -F file=@{image} {url}"}
+            "curl": f"curl -H \"Authorization: Bearer {bearer}\" -F file=@{image} {url}"}
 
 
 def _test_block(result: dict) -> dict:

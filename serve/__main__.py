@@ -5,7 +5,9 @@
 
 The model comes from the MLflow registry (MLFLOW_TRACKING_URI, else runs/mlflow.db under
 PNEUMORAY_RUNS); when its alias moves, the service switches to the new version by itself.
-Set PNEUMORAY_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /v1/*.
+/v1/* requires 'Authorization: Bearer <token>': the token in PNEUMORAY_SERVE_TOKEN, else the one in
+the run folder's serve-token file (generated at the first start, mode 0600); it prints where.
+--no-auth turns that off, on a loopback address only.
 Without --address (or RAY_ADDRESS) it starts a private local Ray; with one it serves on that
 cluster and ships this folder as the working dir.
 """
@@ -41,6 +43,8 @@ def main(argv=None):
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="Ray cluster to serve on (default: RAY_ADDRESS, else a private local Ray)")
     parser.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray only)")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="serve /v1/* without a bearer token (refused unless --host is a loopback address)")
     add_profile_args(parser)
     args = parser.parse_args(argv)
 
@@ -57,7 +61,11 @@ def main(argv=None):
     except serving.ModelNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    token = os.environ.get(profile["serve"]["token_env"]) or None
+    try:
+        token, token_source = serving.endpoint_token(profile["serve"]["token_env"], no_auth=args.no_auth, host=args.host)
+    except serving.AuthSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     import ray
     from ray import serve
@@ -74,9 +82,11 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(application(profile, tracking_uri, model, token), name="pneumoray", route_prefix="/")
+        serve.run(application(profile, tracking_uri, model, token=token), name="pneumoray", route_prefix="/")
         print(f"pneumoray endpoint ready: http://{args.host}:{args.port}/ serving {model} (version {version}); "
-              f"API docs at /docs; auth {'on' if token else 'off'}; Ctrl-C stops it", flush=True)
+              f"API docs at /docs; Ctrl-C stops it", flush=True)
+        print(f"  bearer token: {token_source}" + (f"  (curl -H \"Authorization: Bearer $(cat {token_source})\" ...)"
+                                                  if token and not token_source.startswith("$") else ""), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -87,7 +97,31 @@ def main(argv=None):
             serve.shutdown()
         finally:
             ray.shutdown()
+            _reap_children()
     return 0
+
+
+def _reap_children(grace_s: float = 5.0) -> None:
+    """End what is left of our process tree after ray.shutdown().
+
+    Ctrl-C in a terminal signals the whole process group, so helpers (multiprocessing's resource tracker
+    and forkserver, the dashboard's subprocesses) die with it; SIGTERM from systemd, docker or kill reaches
+    this process alone, and they would outlive it. So: terminate them, and kill those that linger.
+    """
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ The pieces (limits, parsing, the alias-following model holder) are in pneumoray.
 
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -58,7 +57,7 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
-    400: "empty, malformed or missing upload", 401: "bearer token missing or wrong (when auth is on)",
+    400: "empty, malformed or missing upload", 401: "bearer token missing or wrong",
     408: "the request body did not arrive within serve.body_timeout_s",
     413: "body, image or batch too large", 415: "content type or image format not accepted",
     422: "an image that cannot be decoded (corrupt or truncated)"}.items()}
@@ -78,7 +77,8 @@ api = FastAPI(
                 "Every answer names the model version that produced it.",
 )
 # Documents the Authorization header (the Authorize button in /docs); the check is check_bearer.
-bearer_doc = HTTPBearer(auto_error=False, description="the token in the server's PNEUMORAY_SERVE_TOKEN, when set")
+bearer_doc = HTTPBearer(auto_error=False, description="the server's PNEUMORAY_SERVE_TOKEN, else its run folder's "
+                                                    "serve-token file (auth is on unless started with --no-auth)")
 
 
 @api.exception_handler(ClientError)
@@ -108,8 +108,7 @@ class PneumoniaClassifier:
         self._infer.set_max_batch_size(int(settings["max_batch_size"]))
         self._infer.set_batch_wait_timeout_s(float(settings["batch_wait_ms"]) / 1000)
         self.token_env = settings.get("token_env") or serving.TOKEN_ENV
-        # The token's digest comes with the settings; a replica started elsewhere may read its own env.
-        self.token_sha256 = settings.get("token_sha256") or serving.token_digest(os.environ.get(self.token_env))
+        self.token_sha256 = settings.get("token_sha256")  # None only when the server was started with --no-auth
         self._decode_slots = asyncio.Semaphore(int(settings["decode_concurrency"]))
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stats = {"requests": 0, "images": 0, "rejected": 0, "aborted": 0, "batches": 0, "largest_batch": 0}
@@ -243,8 +242,11 @@ class PneumoniaClassifier:
         return JSONResponse({"results": items, **{k: answer[k] for k in ("model", "version", "alias", "latency_ms")}})
 
 
-def application(profile: dict, tracking_uri: str, model: str | None = None, token: str | None = None):
-    """The bound application for a profile with a complete `serve` section (serving.serve_profile)."""
+def application(profile: dict, tracking_uri: str, model: str | None = None, *, token: str | None):
+    """The bound application for a profile with a complete `serve` section (serving.serve_profile).
+
+    `token` (from serving.endpoint_token) is required by name: None, auth off, must be a decision.
+    """
     settings = serving.replica_settings(profile, tracking_uri, model, token)
     return PneumoniaClassifier.options(**serving.deployment_options(profile)).bind(settings)
 
@@ -254,7 +256,8 @@ def build(args: dict):
 
     args: profile (default tiny), set (list of KEY=VALUE overrides), model (URI), tracking_uri
     (default: MLFLOW_TRACKING_URI, else runs/mlflow.db under PNEUMORAY_RUNS, as seen by the process
-    that builds the app). The bearer token comes from PNEUMORAY_SERVE_TOKEN in that process's env.
+    that builds the app). The bearer token: PNEUMORAY_SERVE_TOKEN in that process's env, else the run
+    folder's serve-token file (generated at first start, mode 0600). There is no opt-out here.
     """
     from pneumoray import tracking
     from pneumoray.profiles import load_profile
@@ -265,5 +268,6 @@ def build(args: dict):
     model = args.pop("model", None)
     if args:
         raise ValueError(f"unknown argument(s) {sorted(args)} for serve.app:build; known: profile, set, model, tracking_uri")
-    token = os.environ.get(profile["serve"]["token_env"]) or None
-    return application(profile, tracking_uri, model, token)
+    token, source = serving.endpoint_token(profile["serve"]["token_env"])
+    log.info("pneumoray endpoint: bearer token from %s", source)
+    return application(profile, tracking_uri, model, token=token)

@@ -2,7 +2,7 @@
 champion in a private MLflow registry, real HTTP requests, a real headless Chromium.
 
 One service for the module (starting one costs about half a minute on 2 cores). The tests that
-disturb it (moving the alias, killing the replica, Ctrl-C) come last, in that order.
+disturb it (moving the alias, killing the replica, SIGTERM) come last, in that order.
 """
 
 import io
@@ -211,7 +211,7 @@ def service(runs, champion, tmp_path_factory):
             pytest.fail(f"the endpoint did not come up (exit {proc.poll()}):\n{svc.log_tail()}")
         time.sleep(0.5)
     yield svc
-    if proc.poll() is None:  # test_ctrl_c normally stopped it already
+    if proc.poll() is None:  # the SIGTERM test normally stopped it already
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(60)
@@ -441,6 +441,31 @@ def test_cli_fails_fast_on_a_missing_model_or_a_busy_port(runs, champion, tmp_pa
     proc = subprocess.run([sys.executable, "-m", "serve", "--set", "serve.nope=1"], cwd=REPO, env=serve_env(runs),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no key 'nope'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "serve", "--no-auth", "--host", "0.0.0.0", "--port", str(free_port())],
+                          cwd=REPO, env=serve_env(runs), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "allowed only on loopback" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_auth_is_on_by_default_with_a_generated_token_file_of_mode_0600(tmp_path, monkeypatch):
+    monkeypatch.delenv(serving.TOKEN_ENV, raising=False)
+    token, where = serving.endpoint_token(folder=tmp_path)
+    path = tmp_path / serving.TOKEN_FILE
+    assert where == str(path) and len(token) >= 40
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_text().strip() == token
+    assert serving.endpoint_token(folder=tmp_path) == (token, where)  # the same token at every start
+    assert serving.endpoint_token(folder=tmp_path / "elsewhere")[0] != token  # random, not derived
+    monkeypatch.setenv(serving.TOKEN_ENV, "from-the-env")
+    assert serving.endpoint_token(folder=tmp_path) == ("from-the-env", f"${serving.TOKEN_ENV}")
+    monkeypatch.delenv(serving.TOKEN_ENV)
+    path.chmod(0o644)
+    with pytest.raises(serving.AuthSetupError, match="readable by other users"):
+        serving.endpoint_token(folder=tmp_path)
+    assert serving.endpoint_token(no_auth=True, host="127.0.0.1")[0] is None
+    with pytest.raises(serving.AuthSetupError, match="only on loopback"):
+        serving.endpoint_token(no_auth=True, host="0.0.0.0")
+    # the replica refuses a request without the token before reading its body (the body is never sent here)
+    settings = serving.replica_settings(serving.serve_profile(load_profile("tiny")), "sqlite://", token=token)
+    assert settings["token_sha256"] == serving.token_digest(token) and token not in str(settings)
 
 
 def test_config_yaml_is_a_valid_serve_config_that_builds(runs):
@@ -660,14 +685,21 @@ def test_a_killed_replica_comes_back_under_load(service, good):
     assert ok.status_code == 200 and set(ok.json()) == KEYS
 
 
-def test_ctrl_c_stops_the_service(service):
-    replicas = service.replicas()
-    assert len(replicas) == 1
-    service.proc.send_signal(signal.SIGINT)
+def test_sigterm_stops_the_service_and_leaves_no_process_behind(service):
+    # SIGTERM (what systemd, docker and kill send) to the CLI alone, not to its process group: Ctrl-C in a
+    # terminal reaches every process of the group, SIGTERM only this one, so it must clean up itself.
+    descendants = psutil.Process(service.proc.pid).children(recursive=True)
+    assert len(service.replicas()) == 1 and len(descendants) > 3
+    service.proc.send_signal(signal.SIGTERM)
     assert service.proc.wait(90) == 0, service.log_tail()
     assert "shutting down the endpoint" in service.log_tail()
-    time.sleep(1)
-    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in replicas)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
     with pytest.raises(requests.ConnectionError):
         requests.get(service.url + "/healthz", timeout=5)
 

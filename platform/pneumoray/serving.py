@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -57,7 +58,7 @@ SERVE_DEFAULTS = {
     "max_queued_requests": 256,     # beyond this the proxy answers 503 instead of queueing forever
     "cpus_per_replica": 1,
     "health_check_period_s": 5.0,
-    "token_env": TOKEN_ENV,         # the bearer token's environment variable (auth is off when unset)
+    "token_env": TOKEN_ENV,         # the bearer token's environment variable (else a generated token file)
 }
 
 
@@ -120,6 +121,52 @@ def deployment_options(profile: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ auth
 
+TOKEN_FILE = "serve-token"  # in the run folder: the token generated at first start, mode 0600
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class AuthSetupError(ValueError):
+    """Serving without a token was asked for where it is not allowed."""
+
+
+def endpoint_token(token_env: str = TOKEN_ENV, *, folder: Path | None = None, no_auth: bool = False,
+                   host: str = "127.0.0.1") -> tuple[str | None, str]:
+    """The bearer token `/v1/*` requires, and where it comes from (to print).
+
+    Auth is on by default: the token in `token_env` if set, else the one in `folder/serve-token`,
+    generated (random, 256 bits, mode 0600) at the first start. `no_auth` turns it off, which is
+    allowed only on a loopback address: nothing beyond this machine can then reach the endpoint.
+    """
+    import secrets
+
+    if no_auth:
+        if host not in LOOPBACK:
+            raise AuthSetupError(f"--no-auth serves without a token, which is allowed only on loopback "
+                                 f"({', '.join(LOOPBACK)}), not on {host}: drop --no-auth, or bind to 127.0.0.1")
+        return None, "off (--no-auth; loopback only)"
+    if os.environ.get(token_env):
+        return os.environ[token_env], f"${token_env}"
+    from .tracking import runs_dir
+
+    path = Path(folder or runs_dir()) / TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # created with mode 0600 from the start, never readable by others even for a moment
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+    if path.stat().st_mode & 0o077:
+        raise AuthSetupError(f"{path} is readable by other users (mode {path.stat().st_mode & 0o777:o}): "
+                             f"chmod 600 {path}, or delete it to have a new token generated")
+    token = path.read_text().strip()
+    if not token:
+        raise AuthSetupError(f"{path} is empty: delete it to have a new token generated, or set ${token_env}")
+    return token, str(path)
+
+
 def token_digest(token: str | None) -> str | None:
     return hashlib.sha256(token.encode()).hexdigest() if token else None
 
@@ -130,13 +177,14 @@ def check_bearer(header: str | None, expected_sha256: str | None, token_env: str
         return
     scheme, _, presented = (header or "").partition(" ")
     if not header:
-        raise ClientError(401, f"missing bearer token: send the header 'Authorization: Bearer <token>' "
-                               f"(the token the server was given in {token_env})")
+        raise ClientError(401, f"missing bearer token: send the header 'Authorization: Bearer <token>' (the "
+                               f"server's ${token_env}, else its run folder's {TOKEN_FILE} file, as it printed at start)")
     if scheme.lower() != "bearer" or not presented.strip():
         raise ClientError(401, "malformed Authorization header: write it as 'Authorization: Bearer <token>'")
     # Equal-length digests compared in constant time: no timing hint about the token.
     if not hmac.compare_digest(hashlib.sha256(presented.strip().encode()).hexdigest(), expected_sha256):
-        raise ClientError(401, f"invalid bearer token: it does not match the server's {token_env}")
+        raise ClientError(401, f"invalid bearer token: it does not match the server's (${token_env}, else its "
+                               f"run folder's {TOKEN_FILE} file)")
 
 
 # ------------------------------------------------------------------------------------ request bodies
@@ -178,6 +226,7 @@ async def read_limited(chunks, content_length: str | None, limit: int, deadline_
     408 when it has not all arrived within `deadline_s`: a client that trickles its body (one byte a
     second) holds a replica slot and a queue place only that long. ClientAborted when the client left.
     """
+    from ray.exceptions import TaskCancelledError
     from starlette.requests import ClientDisconnect
 
     declared = None
@@ -202,7 +251,7 @@ async def read_limited(chunks, content_length: str | None, limit: int, deadline_
         raise ClientError(408, f"the request body did not arrive within {deadline_s:g} s ({len(buf):,}{of} bytes "
                                "received): send the whole request at once; the endpoint does not wait for slow "
                                "uploads") from None
-    except ClientDisconnect:
+    except (ClientDisconnect, TaskCancelledError):  # the ASGI disconnect, or Serve cancelling the body's fetch
         raise ClientAborted(f"the client closed the connection after {len(buf):,} bytes of its request body") from None
     return bytes(buf)
 
