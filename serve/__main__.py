@@ -59,8 +59,14 @@ def main(argv=None):
     try:
         version = serving.check_source(model, tracking_uri)
     except serving.ModelNotFound as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        kept = serving.read_last_known_good(serving.last_known_good_dir(model, tracking_uri,
+                                                                        profile["serve"]["last_known_good_dir"]))
+        if kept is None:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        version = kept["version"]  # the replicas start from it and say they are degraded (/readyz)
+        print(f"warning: {e}\nwarning: serving version {version}, the last one served on this machine, from its "
+              "local copy until the registry names a version again", file=sys.stderr)
     try:
         token, token_source = serving.endpoint_token(profile["serve"]["token_env"], no_auth=args.no_auth, host=args.host)
     except serving.AuthSetupError as e:

@@ -4,6 +4,7 @@
     POST /v1/classify/batch    several images: multipart, one field `file` per image
     GET  /v1/model             the version being served, its label set and prompts
     GET  /healthz              liveness (no auth)
+    GET  /readyz               readiness: model loaded; registry reachable or not; degraded and why (no auth)
     GET  /                     the upload page;  GET /docs: OpenAPI
 Built by `python -m serve` or, from serve/config.yaml, by `serve run` / `serve deploy` (`build`).
 The pieces (limits, parsing, the alias-following model holder) are in pneumoray.serving.
@@ -100,7 +101,8 @@ class PneumoniaClassifier:
     def __init__(self, settings: dict):
         self.settings = settings
         serving.harden_pil(settings["max_pixels"])
-        self.holder = serving.ModelHolder(settings["model"], settings["tracking_uri"], settings["poll_s"])
+        self.holder = serving.ModelHolder(settings["model"], settings["tracking_uri"], settings["poll_s"],
+                                          settings.get("last_known_good_dir"))
         self.holder.start()
         self.body_limit = int(float(settings["max_body_mb"]) * 2**20)
         self.max_pixels = int(settings["max_pixels"])
@@ -176,11 +178,16 @@ class PneumoniaClassifier:
         served = self.holder.current
         return {"status": "ok", "model": served.name, "version": served.version, "replica": self.replica}
 
+    @api.get("/readyz", summary="Readiness: the model is loaded; whether the registry is reachable; degraded or not")
+    async def readyz(self):
+        served = self.holder.current  # a constructed replica always has a model: ready, perhaps degraded
+        return {**self.holder.state(), "model": served.name, "version": served.version, "replica": self.replica}
+
     @api.get("/v1/model", summary="The model being served", dependencies=[Depends(bearer_doc)], responses={401: ERRORS[401]})
     async def model_info(self, request: Request):
         self._authorize(request)
         return {**self.holder.current.describe(), "source": self.holder.uri, "follows_alias": self.holder.follows_alias,
-                "poll_s": self.holder.poll_s, "swaps": self.holder.swaps, "last_poll_error": self.holder.last_error,
+                "poll_s": self.holder.poll_s, "swaps": self.holder.swaps, **self.holder.state(),
                 "replica": self.replica, "stats": dict(self.stats),
                 "limits": {"max_body_mb": self.settings["max_body_mb"], "max_pixels": self.max_pixels,
                            "max_batch_files": self.max_files}}

@@ -685,6 +685,32 @@ def test_a_killed_replica_comes_back_under_load(service, good):
     assert ok.status_code == 200 and set(ok.json()) == KEYS
 
 
+def test_a_replica_restarted_while_the_alias_is_gone_serves_its_last_known_good_copy(service, good):
+    served = service.model()
+    version, before = served["version"], service.get("/healthz", auth=False).json()["replica"]
+    ready = service.get("/readyz", auth=False).json()
+    assert ready["status"] == "ready" and ready["registry"] == "reachable" and ready["version"] == version
+    client = mlflow.MlflowClient()
+    client.delete_registered_model_alias(registry.CLIP_MODEL, "champion")
+    try:
+        (replica,) = service.replicas()
+        replica.send_signal(signal.SIGKILL)
+        started = time.time()
+        _wait(lambda: service.get("/healthz", auth=False).json()["replica"] != before, 180, "a new replica", service)
+        back_after = time.time() - started
+        ok = service.post("/v1/classify", data=good["real.jpeg"], headers={"Content-Type": "image/jpeg"})
+        assert ok.status_code == 200 and ok.json()["version"] == version, ok.text  # the version actually served
+        ready = service.get("/readyz", auth=False).json()
+        assert ready["status"] == "degraded" and ready["version"] == version, ready
+        assert ready["served_from"] == "local last-known-good copy" and "champion" in ready["degraded"], ready
+        info = service.model()
+        assert info["status"] == "degraded" and info["version"] == version
+    finally:
+        client.set_registered_model_alias(registry.CLIP_MODEL, "champion", version)
+    _wait(lambda: service.get("/readyz", auth=False).json()["status"] == "ready", 60, "readiness again", service)
+    assert back_after < 120, f"the replacement replica took {back_after:.0f} s"
+
+
 def test_sigterm_stops_the_service_and_leaves_no_process_behind(service):
     # SIGTERM (what systemd, docker and kill send) to the CLI alone, not to its process group: Ctrl-C in a
     # terminal reaches every process of the group, SIGTERM only this one, so it must clean up itself.

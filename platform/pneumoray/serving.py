@@ -44,6 +44,7 @@ TOKEN_ENV = "PNEUMORAY_SERVE_TOKEN"
 SERVE_DEFAULTS = {
     "model": DEFAULT_MODEL,
     "poll_s": 5.0,                  # how often the registry alias is checked
+    "last_known_good_dir": None,    # local copy of the last version served (null: under the pneumoray cache)
     "max_body_mb": 20.0,            # request body limit (413 above it)
     "body_timeout_s": 15.0,         # the whole body must arrive within this (408 after): slow clients hold no slot
     "max_pixels": 40_000_000,       # declared width x height limit (413 above it); 40 MP covers radiographs
@@ -88,7 +89,7 @@ def replica_settings(profile: dict, tracking_uri: str, model: str | None = None,
     The token itself never travels: only its SHA-256, compared in constant time.
     """
     s = profile["serve"]
-    settings = {k: s[k] for k in ("poll_s", "max_body_mb", "body_timeout_s", "max_pixels", "max_batch_files", "max_batch_size",
+    settings = {k: s[k] for k in ("poll_s", "last_known_good_dir", "max_body_mb", "body_timeout_s", "max_pixels", "max_batch_files", "max_batch_size",
                                   "batch_wait_ms", "decode_concurrency", "token_env")}
     settings.update(model=model or s["model"], tracking_uri=tracking_uri, token_sha256=token_digest(token),
                     profile=profile.get("name"), use_gpu=bool(profile.get("hardware", {}).get("use_gpu")))
@@ -544,15 +545,42 @@ def check_source(uri: str, tracking_uri: str) -> str | None:
                             "that holds it, or pass another --model") from None
 
 
+def last_known_good_dir(uri: str, tracking_uri: str | None, base: str | Path | None = None) -> Path:
+    """Where replicas on this machine keep their copy of the last version of `uri` they served."""
+    if base is None:
+        from .models import cache_dir
+
+        base = cache_dir() / "serve-last-known-good"
+    key = hashlib.sha256(f"{tracking_uri}\n{uri}".encode()).hexdigest()[:16]
+    return Path(base) / key
+
+
+def read_last_known_good(folder: Path) -> dict | None:
+    """The record of the copy in `folder` ({name, version, alias, uri, run_id, saved_at, path}), or None."""
+    import json
+
+    try:
+        record = json.loads((folder / "last_known_good.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if (folder / record.get("path", "-")).is_dir() else None
+
+
 class ModelHolder:
     """Serves the version a registry alias names, and follows the alias when it moves.
 
     `current` is one attribute read: a request takes it once and uses that model for all its work,
     so a swap in the middle never mixes versions and never drops the request. New versions load in
     the poll thread; a failed load or registry outage keeps the current model and is reported.
+
+    Every version loaded is also kept on local disk (hard links to the download: no second copy) as
+    the last known good. A replica that starts while the registry cannot name a version (the alias
+    deleted, the server down) starts from that copy, says it is degraded, and goes back to the
+    registry's version as soon as the registry answers again.
     """
 
-    def __init__(self, uri: str, tracking_uri: str | None = None, poll_s: float = 5.0):
+    def __init__(self, uri: str, tracking_uri: str | None = None, poll_s: float = 5.0,
+                 last_known_good: str | Path | None = None):
         import mlflow
 
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -564,12 +592,20 @@ class ModelHolder:
             mlflow.set_registry_uri(tracking_uri)
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.name, self.alias, self.pinned = parse_model_uri(uri)
+        self.lkg_dir = last_known_good_dir(uri, tracking_uri, last_known_good)
         self.last_error: str | None = None
         self.last_poll: float | None = None
+        self.registry_reachable = True
+        self.degraded: str | None = None  # why the served version is not the one the registry names
         self.swaps = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._current = self._load(self.resolve())
+        try:
+            self._current = self._load(self.resolve())
+        except Exception as e:
+            self._current = self._load_last_known_good(e)
+        else:
+            self._keep(self._current)
 
     @property
     def current(self) -> Served:
@@ -599,6 +635,50 @@ class ModelHolder:
         return Served(model=model, name=self.name, version=version, alias=self.alias, uri=uri,
                       run_id=run_id, loaded_at=time.time(), folder=folder)
 
+    def _keep(self, served: Served) -> None:
+        """Make `served` the local last known good (best effort: serving never fails for it)."""
+        import json
+
+        if not served.folder or served.version is None:
+            return
+        try:
+            self.lkg_dir.mkdir(parents=True, exist_ok=True)
+            name = f"v{served.version}"
+            if not (self.lkg_dir / name).is_dir():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.lkg_dir))
+                shutil.copytree(served.folder, tmp / "m", copy_function=_link_or_copy)
+                try:
+                    os.rename(tmp / "m", self.lkg_dir / name)
+                except OSError:  # another replica on this machine kept the same version first
+                    pass
+                shutil.rmtree(tmp, ignore_errors=True)
+            record = {"name": served.name, "version": served.version, "alias": served.alias, "uri": served.uri,
+                      "run_id": served.run_id, "saved_at": time.time(), "path": name}
+            tmp_record = self.lkg_dir / f".record-{os.getpid()}-{threading.get_ident()}"
+            tmp_record.write_text(json.dumps(record))
+            os.replace(tmp_record, self.lkg_dir / "last_known_good.json")  # all or nothing
+            for old in self.lkg_dir.glob("v*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            log.warning("could not keep a local copy of version %s as last known good: %s", served.version, e)
+
+    def _load_last_known_good(self, error: Exception) -> Served:
+        import mlflow
+
+        record = read_last_known_good(self.lkg_dir)
+        if record is None:
+            raise error
+        start = time.perf_counter()
+        model = mlflow.pyfunc.load_model(str(self.lkg_dir / record["path"])).unwrap_python_model()
+        self.registry_reachable = False
+        self.last_error = f"{type(error).__name__}: {getattr(error, 'message', None) or error}"[:500]
+        self.degraded = (f"the registry did not name a version at start ({self.last_error}); serving version "
+                         f"{record['version']}, the last one served here, from its local copy")
+        log.warning("model %s: %s (loaded in %.1f s)", self.uri, self.degraded, time.perf_counter() - start)
+        return Served(model=model, name=record["name"], version=record["version"], alias=record["alias"],
+                      uri=record["uri"], run_id=record.get("run_id"), loaded_at=time.time(), folder=None)
+
     @staticmethod
     def _discard(folder: str | None) -> None:
         if not folder:
@@ -609,16 +689,33 @@ class ModelHolder:
 
     def refresh(self) -> bool:
         """Check the alias once; load and swap in a new version. True when it swapped."""
-        version = self.resolve()
+        try:
+            version = self.resolve()
+        except Exception:
+            self.registry_reachable = False
+            raise
+        self.registry_reachable = True
         self.last_poll = time.time()
         if version == self._current.version:
+            if self.degraded:
+                log.info("model %s: the registry names version %s again, the one served", self.uri, version)
+            self.degraded = None
             return False
         new = self._load(version)
         old, self._current = self._current, new  # the swap: requests already running keep `old`
+        self.degraded = None
         self.swaps += 1
         log.info("model %s: version %s -> %s", self.uri, old.version, new.version)
+        self._keep(new)
         self._discard(old.folder)  # weights are in memory; the downloaded files are no longer needed
         return True
+
+    def state(self) -> dict:
+        """What /readyz and /v1/model report: ready, or degraded and why."""
+        return {"status": "degraded" if self.degraded else "ready", "degraded": self.degraded,
+                "registry": "reachable" if self.registry_reachable else "unreachable",
+                "served_from": "local last-known-good copy" if self._current.folder is None else "registry",
+                "last_poll_error": self.last_error}
 
     def start(self) -> None:
         if not self.follows_alias or self.poll_s <= 0 or self._thread is not None:
@@ -643,6 +740,15 @@ class ModelHolder:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._discard(self._current.folder)
+
+
+def _link_or_copy(src, dst):
+    """Hard-link a file (same disk: no second copy of the weights), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def infer_batch(items: list[tuple[Served, np.ndarray]]) -> list[dict]:
