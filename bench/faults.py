@@ -5,6 +5,8 @@
 * replica: SIGKILL of one Serve replica while 32 clients load the endpoint. Lost = requests with no
   200 answer after one retry of a 5xx (classify is idempotent; the first failures are reported too).
   Recovery = from the kill until a new replica answers.
+* alias_deleted: the same, after deleting the `champion` alias: the new replica must start from its
+  local last-known-good copy and answer (no crash loop). The alias is put back after the recovery.
 * train_worker: SIGKILL of the Ray Train worker of `jobs.train` in the middle of an epoch. Lost =
   epochs missing from the MLflow record or a run that does not finish. Recovery = from the kill until
   the restarted worker has loaded the last checkpoint (its `resumed_at_epoch` metric).
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from .common import REPO, RESULTS, bench_env, kill_tree, machine
 
-RUNS = ("replica", "train_worker", "generation", "corrupt_files")
+RUNS = ("replica", "alias_deleted", "train_worker", "generation", "corrupt_files")
 
 
 def _descendants(pid: int, marker: str) -> list:
@@ -66,13 +68,17 @@ def _probe(fn):
         return None
 
 
-def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0) -> dict:
+def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0, delete_alias: bool = False) -> dict:
     import http.client
 
     from . import servers
     from .client import run_load
 
+    import mlflow
+
     version = servers.register_champion(work / "runs", "tiny")
+    store = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
+    registry_client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     (work / "logs").mkdir(exist_ok=True)
     srv = servers.start_ours(work / "runs", work / "logs", settings=["serve.min_replicas=2"])
     try:
@@ -99,6 +105,8 @@ def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0
                 time.sleep(0.05)
             victims = srv.replicas()
             state["replicas_before"] = len(victims)
+            if delete_alias:  # a registry problem first: the replacement cannot resolve the alias
+                registry_client.delete_registered_model_alias("pneumonia-clip", "champion")
             state["killed_at"] = time.perf_counter()
             victims[0].send_signal(signal.SIGKILL)
             deadline = time.perf_counter() + 300
@@ -118,6 +126,8 @@ def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0
         result = run_load(srv.url, servers.ours_requests(images), 32, load_s, check=servers.ours_ok, retries=1)
         t.join(timeout=320)
     finally:
+        if delete_alias:
+            registry_client.set_registered_model_alias("pneumonia-clip", "champion", version)
         srv.stop()
     killed = state.get("killed_at")
     after = sorted(r.end for r in result.records if r.ok and killed and r.end > killed)
@@ -335,7 +345,7 @@ def main(argv=None) -> int:
     for r in chosen:
         if r not in RUNS:
             raise SystemExit(f"--only {r!r}: runs are {', '.join(RUNS)}")
-    runners = {"replica": replica, "train_worker": train_worker, "generation": generation,
+    runners = {"replica": replica, "alias_deleted": lambda work: replica(work, delete_alias=True), "train_worker": train_worker, "generation": generation,
                "corrupt_files": corrupt_files}
     results = {}
     for name in chosen:
