@@ -107,13 +107,16 @@ class PneumoniaClassifier:
         self.body_limit = int(float(settings["max_body_mb"]) * 2**20)
         self.max_pixels = int(settings["max_pixels"])
         self.max_files = int(settings["max_batch_files"])
+        self.max_request_pixels = int(settings["max_request_pixels"])
+        self.max_batch = int(settings["max_batch_size"])
+        self._active = 0  # classify requests in this replica now (reading, decoding or in the model)
         self._infer.set_max_batch_size(int(settings["max_batch_size"]))
         self._infer.set_batch_wait_timeout_s(float(settings["batch_wait_ms"]) / 1000)
         self.token_env = settings.get("token_env") or serving.TOKEN_ENV
         self.token_sha256 = settings.get("token_sha256")  # None only when the server was started with --no-auth
         self._decode_slots = asyncio.Semaphore(int(settings["decode_concurrency"]))
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.stats = {"requests": 0, "images": 0, "rejected": 0, "aborted": 0, "batches": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "images": 0, "rejected": 0, "aborted": 0, "unbatched": 0, "batches": 0, "largest_batch": 0}
         served = self.holder.current
         log.info("replica %s serving %s (version %s, alias %s); auth %s", self.replica, served.name,
                  served.version, served.alias, "on" if self.token_sha256 else "off")
@@ -140,8 +143,25 @@ class PneumoniaClassifier:
         async with self._decode_slots:  # bounds the memory of decoding at once
             return await asyncio.to_thread(serving.prepare, served.model, data, self.max_pixels)
 
+    async def _predict(self, items: list) -> list:
+        """Model results for [(served, pixels)], batched with other requests' while there are any.
+
+        With nothing else in flight, a batch window would only add its wait (20 ms) to a lone request:
+        it runs at once. While other requests are in flight, their images join one dynamic batch.
+        """
+        if self._active <= 1:
+            self.stats["unbatched"] += 1
+            out = []
+            for i in range(0, len(items), self.max_batch):
+                out += await self._model_call(items[i:i + self.max_batch])
+            return out
+        return await asyncio.gather(*(self._infer(item) for item in items))
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _infer(self, items: list) -> list:
+        return await self._model_call(items)
+
+    async def _model_call(self, items: list) -> list:
         results = await asyncio.to_thread(serving.infer_batch, items)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
@@ -154,6 +174,7 @@ class PneumoniaClassifier:
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
     async def _guard(self, work):
+        self._active += 1
         try:
             return await work
         except ClientError:
@@ -166,6 +187,8 @@ class PneumoniaClassifier:
         except Exception as e:  # our fault, not the client's: a JSON 500, the traceback in the replica log
             log.exception("request failed")
             return JSONResponse({"error": f"internal error ({type(e).__name__}); see the replica log"}, status_code=500)
+        finally:
+            self._active -= 1
 
     # ------------------------------------------------------------------ routes
 
@@ -190,7 +213,8 @@ class PneumoniaClassifier:
                 "poll_s": self.holder.poll_s, "swaps": self.holder.swaps, **self.holder.state(),
                 "replica": self.replica, "stats": dict(self.stats),
                 "limits": {"max_body_mb": self.settings["max_body_mb"], "max_pixels": self.max_pixels,
-                           "max_batch_files": self.max_files}}
+                           "max_request_pixels": self.max_request_pixels, "max_batch_files": self.max_files,
+                           "body_timeout_s": self.settings["body_timeout_s"]}}
 
     @api.post("/v1/classify", summary="Classify one chest X-ray (JPEG, PNG or DICOM)", response_model=Prediction,
               responses=ERRORS, openapi_extra=SINGLE_BODY, dependencies=[Depends(bearer_doc)])
@@ -215,7 +239,7 @@ class PneumoniaClassifier:
                 raise ClientError(400, "empty request body: " + serving.HOW_TO_SEND)
         served = self.holder.current  # this version answers the request, whatever happens meanwhile
         pixels = await self._prepare(served, data)
-        result = await self._infer((served, pixels))
+        (result,) = await self._predict([(served, pixels)])
         self.stats["requests"] += 1
         self.stats["images"] += 1
         return JSONResponse(self._answer(served, result, started))
@@ -234,14 +258,28 @@ class PneumoniaClassifier:
         files = serving.files_from(serving.parse_multipart(body, content_type, self.max_files + 1), single=False)
         if len(files) > self.max_files:
             raise ClientError(413, f"{len(files)} images in one request: send at most {self.max_files} per request (split the batch)")
+
+        def named(i, f, e: ClientError) -> ClientError:  # all or nothing, naming the first bad file
+            return ClientError(e.status, f"file {i + 1} of {len(files)} ({f.filename or 'no filename'}): {e.message}")
+
+        declared = 0
+        for i, f in enumerate(files):  # headers only: the decode cost is bounded before any pixel is decoded
+            try:
+                declared += serving.checked_image(bytes(f.data), self.max_pixels)[1]
+            except ClientError as e:
+                raise named(i, f, e) from None
+        if declared > self.max_request_pixels:
+            raise ClientError(413, f"the {len(files)} images declare {declared / 1e6:.1f} megapixels in all, over the "
+                                   f"{self.max_request_pixels / 1e6:.0f} megapixel limit of one request: send fewer "
+                                   "images per request, or downscale them")
         served = self.holder.current
-        prepared = await asyncio.gather(*(self._prepare(served, bytes(f.data)) for f in files), return_exceptions=True)
-        for i, (f, p) in enumerate(zip(files, prepared)):
-            if isinstance(p, ClientError):  # all or nothing, naming the first bad file
-                raise ClientError(p.status, f"file {i + 1} of {len(files)} ({f.filename or 'no filename'}): {p.message}")
-            if isinstance(p, BaseException):
-                raise p
-        results = await asyncio.gather(*(self._infer((served, p)) for p in prepared))  # one dynamic batch
+        prepared = []
+        for i, f in enumerate(files):  # one decode slot at a time: a large batch never holds every slot
+            try:
+                prepared.append(await self._prepare(served, bytes(f.data)))
+            except ClientError as e:
+                raise named(i, f, e) from None
+        results = await self._predict([(served, p) for p in prepared])
         self.stats["requests"] += 1
         self.stats["images"] += len(files)
         answer = self._answer(served, {"label": None, "probabilities": None}, started)

@@ -38,7 +38,8 @@ CLASSES_V1 = ["normal", "bacteria", "virus"]
 CLASSES_V2 = ["normal", "pneumonia"]
 # Small limits, so the limits are cheap to hit; a fast alias poll and health check.
 SETTINGS = ["serve.poll_s=1", "serve.max_body_mb=1", "serve.max_pixels=1000000", "serve.max_batch_files=8",
-            "serve.max_replicas=1", "serve.health_check_period_s=1", "serve.batch_wait_ms=50", "serve.body_timeout_s=3"]
+            "serve.max_replicas=1", "serve.health_check_period_s=1", "serve.batch_wait_ms=50", "serve.body_timeout_s=3",
+            "serve.max_request_pixels=3000000"]
 REPLICA = "ServeReplica:pneumoray:PneumoniaClassifier"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; browsers are never downloaded
 # Ray's own config models use a deprecated pydantic form; not ours to fix.
@@ -351,6 +352,23 @@ def test_batch_endpoint_batches_and_keeps_order(service, good, champion):
     assert raw.status_code == 415 and "multipart" in raw.json()["error"]
 
 
+def test_a_lone_request_waits_for_no_batch_and_one_request_cannot_claim_unbounded_decoding(service, good):
+    before = service.model()["stats"]
+    started = time.perf_counter()
+    ok = service.post("/v1/classify", data=good["real.jpeg"], headers={"Content-Type": "image/jpeg"})
+    assert ok.status_code == 200
+    after = service.model()["stats"]
+    assert after["unbatched"] == before["unbatched"] + 1, "nothing else was in flight: no batch window to wait out"
+    assert after["batches"] == before["batches"] + 1
+    # decode cost per request, in declared pixels (3 MP here), checked before any pixel is decoded
+    flat = encode(Image.new("L", (1000, 1000)), "PNG")  # 1 MP in a few kB
+    big = service.post("/v1/classify/batch", files=[("file", (f"{i}.png", flat)) for i in range(4)])
+    assert big.status_code == 413 and "4.0 megapixels in all, over the 3 megapixel limit" in big.json()["error"]
+    fits = service.post("/v1/classify/batch", files=[("file", (f"{i}.png", flat)) for i in range(3)])
+    assert fits.status_code == 200 and len(fits.json()["results"]) == 3
+    assert time.perf_counter() - started < 60
+
+
 def test_bearer_token_is_required_when_set(service, good):
     image = dict(data=good["noise.jpeg"], headers={"Content-Type": "image/jpeg"})
     missing = service.post("/v1/classify", auth=False, **image)
@@ -374,7 +392,8 @@ def test_model_info_docs_and_unknown_routes(service, champion):
     assert info["name"] == "pneumonia-clip" and info["version"] == champion and info["alias"] == "champion"
     assert info["classes"] == CLASSES_V1 and info["prompts"] == [[f"An image of {c} chest X-ray"] for c in CLASSES_V1]
     assert info["source"] == "models:/pneumonia-clip@champion" and info["follows_alias"] and info["poll_s"] == 1
-    assert info["limits"] == {"max_body_mb": 1, "max_pixels": 1_000_000, "max_batch_files": 8}
+    assert info["limits"] == {"max_body_mb": 1, "max_pixels": 1_000_000, "max_request_pixels": 3_000_000,
+                              "max_batch_files": 8, "body_timeout_s": 3}
     spec = service.get("/openapi.json", auth=False).json()
     assert {"/v1/classify", "/v1/classify/batch", "/v1/model", "/healthz"} <= set(spec["paths"])
     content = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]

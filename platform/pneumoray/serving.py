@@ -49,6 +49,7 @@ SERVE_DEFAULTS = {
     "body_timeout_s": 15.0,         # the whole body must arrive within this (408 after): slow clients hold no slot
     "max_pixels": 40_000_000,       # declared width x height limit (413 above it); 40 MP covers radiographs
     "max_batch_files": 32,          # images per /v1/classify/batch request
+    "max_request_pixels": 160_000_000,  # declared pixels of all images of one request (413 above): decode cost
     "max_batch_size": 8,            # @serve.batch: images per model call
     "batch_wait_ms": 20.0,          # @serve.batch: how long a batch waits to fill
     "decode_concurrency": 2,        # images decoded at once per replica (bounds decode memory)
@@ -89,7 +90,8 @@ def replica_settings(profile: dict, tracking_uri: str, model: str | None = None,
     The token itself never travels: only its SHA-256, compared in constant time.
     """
     s = profile["serve"]
-    settings = {k: s[k] for k in ("poll_s", "last_known_good_dir", "max_body_mb", "body_timeout_s", "max_pixels", "max_batch_files", "max_batch_size",
+    settings = {k: s[k] for k in ("poll_s", "last_known_good_dir", "max_body_mb", "body_timeout_s", "max_pixels",
+                                  "max_request_pixels", "max_batch_files", "max_batch_size",
                                   "batch_wait_ms", "decode_concurrency", "token_env")}
     settings.update(model=model or s["model"], tracking_uri=tracking_uri, token_sha256=token_digest(token),
                     profile=profile.get("name"), use_gpu=bool(profile.get("hardware", {}).get("use_gpu")))
@@ -402,6 +404,11 @@ def _bomb(e: Exception, max_pixels: int) -> ClientError:
 
 def check_image(data: bytes, max_pixels: int) -> str:
     """Format of an upload (JPEG, PNG or DICOM) after checking its declared size; no pixel is decoded here."""
+    return checked_image(data, max_pixels)[0]
+
+
+def checked_image(data: bytes, max_pixels: int) -> tuple[str, int]:
+    """(format, declared pixels) of an upload, after check_image's checks; no pixel is decoded here."""
     if not data:
         raise ClientError(400, "the image is empty (0 bytes): send the file's content")
     kind = sniff(data)
@@ -409,8 +416,7 @@ def check_image(data: bytes, max_pixels: int) -> str:
         raise ClientError(415, "not a JPEG, PNG or DICOM file (its first bytes match no image format): "
                                "send a chest X-ray as JPEG, PNG or DICOM")
     if kind == "DICOM":
-        _check_dicom_header(data, max_pixels)
-        return kind
+        return kind, _check_dicom_header(data, max_pixels)
     if kind not in ("JPEG", "PNG"):
         raise ClientError(415, f"{kind} files are not supported: convert the image to PNG or JPEG, or send DICOM")
     from PIL import Image
@@ -430,7 +436,7 @@ def check_image(data: bytes, max_pixels: int) -> str:
             images.check_jpeg_complete(data)
         except images.ImageError as e:
             raise ClientError(422, f"{e}: send the complete file") from None
-    return kind
+    return kind, width * height
 
 
 def max_inflated_bytes(max_pixels: int) -> int:
@@ -439,7 +445,7 @@ def max_inflated_bytes(max_pixels: int) -> int:
     return 6 * int(max_pixels) + 16_000_000
 
 
-def _check_dicom_header(data: bytes, max_pixels: int) -> None:
+def _check_dicom_header(data: bytes, max_pixels: int) -> int:
     import pydicom
 
     try:
@@ -458,6 +464,7 @@ def _check_dicom_header(data: bytes, max_pixels: int) -> None:
         raise ClientError(422, "DICOM without an image (no Rows/Columns): send a DICOM that holds a radiograph")
     if rows * cols * frames > max_pixels:
         raise _too_many_pixels(cols, rows, frames, max_pixels)
+    return rows * cols * frames
 
 
 def prepare(model, data: bytes, max_pixels: int) -> np.ndarray:
