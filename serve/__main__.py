@@ -78,6 +78,8 @@ def main(argv=None):
 
     from serve.app import application
 
+    # Serve's HTTP proxy gets our header cap (431) at its start; it inherits this env from the local Ray.
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", serving.PROXY_CALLBACK)
     if args.address:
         # Another cluster: ship this folder (serve/ and the page) like `ray job submit --working-dir .`.
         ray.init(address=args.address, runtime_env={"working_dir": os.getcwd()})

@@ -628,6 +628,33 @@ def test_slow_bodies_get_408_within_the_deadline_and_a_good_request_still_gets_t
     assert service.get("/healthz", auth=False).status_code == 200
 
 
+def test_oversized_headers_get_431_before_they_are_parsed(service, good):
+    host, port = service.url.removeprefix("http://").split(":")
+    for size in (100_000, 20_000_000):  # over the 64 kB cap; the second one is never read whole
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        try:
+            sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nX-Big: ".encode())
+            sent, chunk = 0, b"a" * 65_536
+            try:
+                while sent < size:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+            except OSError:  # the server closed the connection once past the cap
+                pass
+            answer = _read_response(sock)
+        finally:
+            sock.close()
+        assert answer.startswith("HTTP/1.1 431"), answer[:200]
+        assert "request headers are over 64 kB" in answer
+        assert sent < 5_000_000, f"the server read {sent} bytes of headers before refusing"
+    # ordinary headers, large bodies and keep-alive requests are untouched
+    with requests.Session() as s:
+        for _ in range(3):
+            ok = s.post(service.url + "/v1/classify", data=good["real.jpeg"],
+                        headers={**AUTH, "Content-Type": "image/jpeg", "X-Note": "n" * 8000})
+            assert ok.status_code == 200, ok.text
+
+
 def test_a_client_that_hangs_up_mid_upload_is_logged_as_an_abort_not_an_error(service):
     before = service.log_path.read_text(errors="replace")
     aborted_before = service.model()["stats"]["aborted"]

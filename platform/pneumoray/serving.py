@@ -21,6 +21,7 @@ import copy
 import hashlib
 import hmac
 import io
+import json
 import logging
 import os
 import shutil
@@ -188,6 +189,54 @@ def check_bearer(header: str | None, expected_sha256: str | None, token_env: str
     if not hmac.compare_digest(hashlib.sha256(presented.strip().encode()).hexdigest(), expected_sha256):
         raise ClientError(401, f"invalid bearer token: it does not match the server's (${token_env}, else its "
                                f"run folder's {TOKEN_FILE} file)")
+
+
+# ------------------------------------------------------------------------------------ the HTTP proxy
+
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; 431 above (nginx's default large buffers are 32 kB)
+PROXY_CALLBACK = "pneumoray.serving:harden_proxy"  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+
+
+def harden_proxy() -> list:
+    """Ray Serve's HTTP proxy callback, run in the proxy process at its start: caps request headers.
+
+    Serve's proxy runs uvicorn on httptools, which has no header limit: a 64 MB header is parsed
+    (concatenated chunk by chunk) before any handler of ours sees the request. Serve offers no setting
+    for it, so this counts the bytes before the end of the headers as they arrive and answers 431 as
+    soon as they pass MAX_HEADER_BYTES, without handing them to the parser. Returns no middleware.
+    Installed by `python -m serve` (and cluster.yaml) through RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as protocol
+
+    if getattr(protocol, "_pneumoray_header_cap", None):
+        return []
+    feed, complete = protocol.data_received, protocol.on_message_complete
+    body = json.dumps({"error": f"request headers are over {MAX_HEADER_BYTES // 1024} kB: send the image in the body "
+                                "(multipart field 'file' or the raw bytes), not in headers or the URL"}).encode()
+    refusal = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+               b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.__dict__
+        if not state.get("_head_done"):
+            window = state.get("_head_tail", b"") + data
+            end = window.find(b"\r\n\r\n")
+            seen = state.get("_head_bytes", 0) + (len(data) if end < 0 else end + 4 - len(state.get("_head_tail", b"")))
+            if seen > MAX_HEADER_BYTES:
+                log.warning("refused a request whose headers passed %d bytes (431)", MAX_HEADER_BYTES)
+                self.transport.write(refusal)
+                self.transport.close()
+                return
+            state.update(_head_bytes=0 if end >= 0 else seen, _head_tail=window[-3:], _head_done=end >= 0)
+        feed(self, data)
+
+    def on_message_complete(self) -> None:
+        self.__dict__.update(_head_bytes=0, _head_tail=b"", _head_done=False)  # the next request's headers
+        complete(self)
+
+    protocol.data_received, protocol.on_message_complete = data_received, on_message_complete
+    protocol._pneumoray_header_cap = True
+    return []
 
 
 # ------------------------------------------------------------------------------------ request bodies
