@@ -24,6 +24,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pneumoray import serving
+from pneumoray.ood import INTENDED_USE
 from pneumoray.serving import ClientError
 
 PAGE = (Path(__file__).with_name("page.html")).read_text()
@@ -33,6 +34,10 @@ log = logging.getLogger("ray.serve")
 class Prediction(BaseModel):
     label: str
     probabilities: dict[str, float]
+    in_distribution: bool | None
+    ood_score: float | None
+    warning: str | None
+    intended_use: str
     model: str | None
     version: str | None
     alias: str | None
@@ -43,10 +48,14 @@ class BatchItem(BaseModel):
     filename: str | None
     label: str
     probabilities: dict[str, float]
+    in_distribution: bool | None
+    ood_score: float | None
+    warning: str | None
 
 
 class BatchPrediction(BaseModel):
     results: list[BatchItem]
+    intended_use: str
     model: str | None
     version: str | None
     alias: str | None
@@ -75,7 +84,9 @@ api = FastAPI(
     title="pneumoray classifier",
     version="1",
     description="Pediatric chest X-ray classification (CLIP + LoRA) served from the MLflow registry. "
-                "Every answer names the model version that produced it.",
+                "Research use only: not a medical device, not for diagnosis. Every answer names the model "
+                "version that produced it and says whether the image looks like the training X-rays "
+                "(in_distribution, ood_score, warning).",
 )
 # Documents the Authorization header (the Authorize button in /docs); the check is check_bearer.
 bearer_doc = HTTPBearer(auto_error=False, description="the server's PNEUMORAY_SERVE_TOKEN, else its run folder's "
@@ -169,7 +180,9 @@ class PneumoniaClassifier:
 
     @staticmethod
     def _answer(served: serving.Served, result: dict, started: float) -> dict:
-        return {"label": result["label"], "probabilities": result["probabilities"], "model": served.name,
+        return {"label": result["label"], "probabilities": result["probabilities"],
+                **{k: result.get(k) for k in ("in_distribution", "ood_score", "warning")},
+                "intended_use": INTENDED_USE, "model": served.name,
                 "version": served.version, "alias": served.alias,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
@@ -283,8 +296,10 @@ class PneumoniaClassifier:
         self.stats["requests"] += 1
         self.stats["images"] += len(files)
         answer = self._answer(served, {"label": None, "probabilities": None}, started)
-        items = [{"filename": f.filename, "label": r["label"], "probabilities": r["probabilities"]} for f, r in zip(files, results)]
-        return JSONResponse({"results": items, **{k: answer[k] for k in ("model", "version", "alias", "latency_ms")}})
+        items = [{"filename": f.filename, "label": r["label"], "probabilities": r["probabilities"],
+                  **{k: r.get(k) for k in ("in_distribution", "ood_score", "warning")}} for f, r in zip(files, results)]
+        return JSONResponse({"results": items, **{k: answer[k] for k in ("intended_use", "model", "version", "alias",
+                                                                          "latency_ms")}})
 
 
 def application(profile: dict, tracking_uri: str, model: str | None = None, *, token: str | None):

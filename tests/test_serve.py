@@ -27,13 +27,15 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import REPO, jpeg_declaring
-from pneumoray import classifier, models, registry, serving, tracking
+from conftest import KERMANY_SAMPLE, REPO, jpeg_declaring
+from pneumoray import classifier, models, ood, registry, serving, tracking
+from pneumoray.pyfunc import ClipLoraClassifier
 from pneumoray.profiles import load_profile
 
 TOKEN = "serve-test-token-6f1c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-KEYS = {"label", "probabilities", "model", "version", "alias", "latency_ms"}
+KEYS = {"label", "probabilities", "in_distribution", "ood_score", "warning", "intended_use", "model", "version", "alias",
+        "latency_ms"}
 CLASSES_V1 = ["normal", "bacteria", "virus"]
 CLASSES_V2 = ["normal", "pneumonia"]
 # Small limits, so the limits are cheap to hit; a fast alias poll and health check.
@@ -127,6 +129,14 @@ def register_tiny(classes: list[str], score: float, seed: int, workdir: Path) ->
               "templates": templates, "base_model": models.TINY, "image_size": size, "mean": list(mean),
               "std": list(std), "preprocessing": "decode, 8-bit RGB, letterbox, normalise", "temperature": 1.0,
               "val_macro_f1": score, "epoch": 0}
+    # the in-distribution check as training fits it, here on real sample X-rays (80 "training", 40 "validation")
+    clf = ClipLoraClassifier()
+    clf.config = config
+    clf.load(str(adapter), str(base_dir))
+    paths = sorted(KERMANY_SAMPLE.glob("train/*/*.jpeg"))[::8][:120]
+    pixels = clf.pixels([p.read_bytes() for p in paths])
+    embeddings = clf.embed(pixels)[1]
+    config["ood"] = ood.fit(embeddings[:80], embeddings[80:], ood.colourfulness(pixels[80:], mean, std))
     with mlflow.start_run(run_name=f"serve-test-{seed}"):
         info = registry.log_classifier(adapter, config, base_dir)
     version = str(info.registered_model_version)
@@ -228,7 +238,7 @@ def multipart(name="file", filename="x.jpeg", data=b"", ctype="image/jpeg"):
 # ----------------------------------------------------------------------------- answers
 
 def test_good_images_are_classified_by_the_registered_model(service, good, champion):
-    answers = {}
+    answers, flags = {}, {}
     for name, data in good.items():
         ctype = {"jpeg": "image/jpeg", "png": "image/png", "dcm": "application/dicom"}[name.rsplit(".", 1)[1]]
         raw = service.post("/v1/classify", data=data, headers={"Content-Type": ctype})
@@ -241,15 +251,21 @@ def test_good_images_are_classified_by_the_registered_model(service, good, champ
             assert list(body["probabilities"]) == CLASSES_V1 and body["label"] in CLASSES_V1
             assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
             assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+            assert body["intended_use"].startswith("research use only") and isinstance(body["in_distribution"], bool)
+            assert (body["warning"] is None) == body["in_distribution"], body
             assert 0 < body["latency_ms"] < 60_000
         assert raw.json()["probabilities"] == pytest.approx(form.json()["probabilities"], abs=1e-6)
         answers[name] = raw.json()["probabilities"]
+        flags[name] = raw.json()["in_distribution"]
+    # a real X-ray is in distribution; noise and a colour picture are not, and say so
+    assert flags["real.jpeg"] and not flags["noise.jpeg"] and not flags["rgba.png"], flags
     # The same numbers as the registered pyfunc in this process: same version, same preprocessing
     # (alpha onto black, 16-bit windowing, DICOM VOI LUT and MONOCHROME1 inversion).
     local = mlflow.pyfunc.load_model(f"models:/{registry.CLIP_MODEL}/{champion}")
     frame = local.predict(pd.DataFrame({"image": list(good.values())}))
     for name, (_, row) in zip(good, frame.iterrows()):
         assert answers[name] == pytest.approx({c: row[c] for c in CLASSES_V1}, abs=1e-5), name
+        assert flags[name] == row["in_distribution"], name
     assert len({tuple(np.round(list(p.values()), 6)) for p in answers.values()}) == len(good)  # inputs differ, so do answers
 
 

@@ -84,10 +84,30 @@ print(json.dumps(out.to_dict(orient="list")))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = pd.DataFrame(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert list(out.columns) == ["label", "normal", "virus"] and len(out) == 6
+    assert list(out.columns) == ["label", "normal", "virus", "in_distribution", "ood_score", "warning"] and len(out) == 6
     assert set(out["label"]) <= {"normal", "virus"}
     assert (out[["normal", "virus"]].sum(axis=1) - 1).abs().max() < 1e-6
     assert (out[["normal", "virus"]].idxmax(axis=1) == out["label"]).all()
+
+
+def test_the_in_distribution_check_passes_held_out_x_rays_and_flags_foreign_images(trained, phantom_manifest):
+    from bench import ood as bench_ood
+
+    summary = trained[0]
+    frame, _ = manifest.read(phantom_manifest)
+    # held-out phantoms of every class (the model knows two): chest images the fit never saw. With this
+    # tiny validation set (about 15 images) the threshold is rough; python -m bench.ood measures the real thing
+    real = [open(p, "rb").read() for p in frame[frame.split == "test"].path]
+    result = bench_ood.measure(f"models:/{registry.CLIP_MODEL}/{summary['version']}", real, n_per_kind=20)
+    rows = result["rows"]
+    assert rows["real"]["n"] >= 20 and rows["real"]["flagged"] <= 0.2, rows
+    assert result["foreign_flagged"] >= 0.9, rows
+    model = mlflow.pyfunc.load_model(f"models:/{registry.CLIP_MODEL}/{summary['version']}")
+    out = model.predict(pd.DataFrame({"image": [*real[:5], bench_ood.foreign_images(1)["document"][0]]}))
+    inside, document = out[out["in_distribution"]], out.iloc[-1]
+    assert len(inside) >= 3 and inside["warning"].isna().all() and (inside["ood_score"] <= 1).all()
+    assert not document["in_distribution"] and "does not look like the chest X-rays" in document["warning"]
+    assert document["ood_score"] > inside["ood_score"].max()
 
 
 def test_adapter_loads_with_peft(trained):

@@ -1,7 +1,8 @@
 """The classifier as an MLflow pyfunc model: what the registry holds and the endpoint serves.
 
 `predict` takes a DataFrame with a column `image` of encoded image bytes (JPEG, PNG, DICOM) and
-returns a DataFrame with `label` and one probability column per class. The model folder holds the
+returns a DataFrame with `label`, one probability column per class, and the in-distribution check
+(`in_distribution`, `ood_score`, `warning`; see ood.py). The model folder holds the
 peft adapter, the base model (tiny) or its reference (hub id or path), and model.json: classes,
 prompts, preprocessing, calibration temperature.
 """
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import classifier, models
+from . import classifier, models, ood
 from .data import images
 from .metrics import softmax
 
@@ -61,6 +62,34 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
             out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
+    @torch.no_grad()
+    def embed(self, pixels: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, C), unit image embeddings (N, D)) of the adapted model, from one forward pass."""
+        logits, embeddings = [], []
+        scale = classifier.base_model(self.model).logit_scale.exp()
+        for i in range(0, len(pixels), batch_size):
+            x = torch.as_tensor(pixels[i:i + batch_size], device=self.device)
+            image = torch.nn.functional.normalize(models.clip_features(self.model, pixel_values=x), dim=-1)
+            logits.append((scale * image @ self.text.t()).float().cpu().numpy())
+            embeddings.append(image.float().cpu().numpy())
+        if not logits:
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, self.text.shape[1]), np.float32)
+        return np.concatenate(logits), np.concatenate(embeddings)
+
+    def answer(self, pixels: np.ndarray) -> pd.DataFrame:
+        """Labels, calibrated probabilities and the in-distribution check for preprocessed images."""
+        logits, embeddings = self.embed(pixels)
+        frame = self.to_frame(logits)
+        check = self.config.get("ood")
+        if check:  # models registered before the check have none
+            colour = ood.colourfulness(pixels, self.mean, self.std)
+            score, inside = ood.judge(check, embeddings, colour)
+            frame["in_distribution"] = inside
+            frame["ood_score"] = score
+            # object, not pandas' string dtype: "no warning" stays None (the string dtype would make it NaN)
+            frame["warning"] = pd.Series([ood.warning_for(s, c, check) for s, c in zip(score, colour)], dtype=object)
+        return frame
+
     def to_frame(self, logits: np.ndarray) -> pd.DataFrame:
         probs = softmax(logits, self.temperature)
         frame = pd.DataFrame(probs, columns=self.classes)
@@ -70,4 +99,4 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "image" not in model_input.columns:
             raise ValueError(f"input needs a column 'image' of encoded image bytes; got columns {list(model_input.columns)}")
-        return self.to_frame(self.logits(self.pixels(list(model_input["image"]))))
+        return self.answer(self.pixels(list(model_input["image"])))

@@ -36,7 +36,9 @@ def pip_requirements() -> list[str]:
 def signature(classes: list[str]) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "label"), *[ColSpec("double", c) for c in classes]]),
+        outputs=Schema([ColSpec("string", "label"), *[ColSpec("double", c) for c in classes],
+                        ColSpec("boolean", "in_distribution"), ColSpec("double", "ood_score"),
+                        ColSpec("string", "warning", required=False)]),
     )
 
 

@@ -816,8 +816,12 @@ def infer_batch(items: list[tuple[Served, np.ndarray]]) -> list[dict]:
     for idx in groups.values():
         served = items[idx[0]][0]
         model = served.model
-        frame = model.to_frame(model.logits(np.stack([items[i][1] for i in idx])))
+        frame = model.answer(np.stack([items[i][1] for i in idx]))
         for row, i in zip(frame.to_dict(orient="records"), idx):
+            known = "in_distribution" in row  # models registered before the check have none
             out[i] = {"label": row["label"], "probabilities": {c: float(row[c]) for c in model.classes},
+                      "in_distribution": bool(row["in_distribution"]) if known else None,
+                      "ood_score": round(float(row["ood_score"]), 3) if known else None,
+                      "warning": row["warning"] if known else "this model version has no in-distribution check",
                       "batch": len(idx)}
     return out

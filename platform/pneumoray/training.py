@@ -355,6 +355,7 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
                         "mean": list(mean), "std": list(std), "preprocessing": "decode, 8-bit RGB, letterbox, normalise",
                         "temperature": temperature, "val_macro_f1": state["val_macro_f1"], "epoch": state["epoch"],
                         "split": inputs.split}
+        model_config["ood"] = fit_ood_check(Path(d, "adapter"), model_config, inputs)
         # A base built on this machine (tiny, or pretrained on the training split) travels inside the model;
         # hub models by reference.
         base_folder = models.resolve_model(base_ref, "clip")
@@ -370,6 +371,35 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
         registry.describe(registry.CLIP_MODEL, version, run_id,
                           client.get_model_version(registry.CLIP_MODEL, version).tags.get("promotion", "?"))
     return summary
+
+
+OOD_MAX_TRAIN_IMAGES = 5000  # enough for a 768-d covariance; a larger training set is sampled
+
+
+def fit_ood_check(adapter_dir: Path, model_config: dict, inputs: TrainingInputs) -> dict:
+    """The in-distribution check stored with the model (ood.py): the adapted model's embeddings of the
+    training images (mean, covariance), its threshold from the validation images. Never the test split."""
+    from . import ood
+    from .pyfunc import ClipLoraClassifier
+
+    clf = ClipLoraClassifier()
+    clf.config = model_config
+    clf.load(str(adapter_dir), model_config["base_model"])
+
+    def embed(ds, limit=None):
+        embeddings, colour, n = [], [], 0
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            pixels = batch["pixel_values"]
+            embeddings.append(clf.embed(pixels)[1])
+            colour.append(ood.colourfulness(pixels, clf.mean, clf.std))
+            n += len(pixels)
+            if limit and n >= limit:
+                break
+        return np.concatenate(embeddings), np.concatenate(colour)
+
+    train_embeddings, _ = embed(inputs.datasets["train"], OOD_MAX_TRAIN_IMAGES)  # shuffled: a random sample
+    val_embeddings, val_colour = embed(inputs.datasets["val"])
+    return ood.fit(train_embeddings, val_embeddings, val_colour)
 
 
 def _log_params(run, params: dict) -> None:
