@@ -44,6 +44,7 @@ SETTINGS = ["serve.poll_s=1", "serve.max_body_mb=1", "serve.max_pixels=1000000",
             "serve.max_request_pixels=3000000"]
 REPLICA = "ServeReplica:pneumoray:PneumoniaClassifier"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; browsers are never downloaded
+SCREENSHOTS = Path(os.environ["PNEUMORAY_SCREENSHOTS"]) if os.environ.get("PNEUMORAY_SCREENSHOTS") else None
 # Ray's own config models use a deprecated pydantic form; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
 
@@ -437,12 +438,18 @@ def test_upload_page_in_headless_chromium(service, good, tmp_path):
             page = browser.new_page()
             page.goto(service.url + "/")
             assert "chest X-ray" in page.title()
+            assert "Research use only" in page.inner_text("#intended")  # before any result, not small print
+            page.wait_for_function("document.querySelector('#served').textContent.includes('version')", timeout=30_000)
+            assert f"pneumonia-clip version {service.model()['version']}" in page.inner_text("#served")
             page.set_input_files("#file", str(xray))
             page.fill("#token", TOKEN)
             page.click("#submit")
             page.wait_for_selector("#result:not([hidden])", timeout=30_000)
             label = page.inner_text("#label")
             assert label in CLASSES_V1
+            assert page.locator("#ood").is_hidden()  # a real X-ray: no out-of-distribution warning
+            if SCREENSHOTS:  # PNEUMORAY_SCREENSHOTS=DIR: look at what a person sees
+                page.screenshot(path=str(SCREENSHOTS / "upload-result.png"))
             assert page.locator("tr.prob").count() == len(CLASSES_V1)
             assert "pneumonia-clip version" in page.inner_text("#meta")
             expected = service.post("/v1/classify", data=good["real.jpeg"], headers={"Content-Type": "image/jpeg"}).json()
@@ -452,6 +459,9 @@ def test_upload_page_in_headless_chromium(service, good, tmp_path):
             page.click("#submit")
             page.wait_for_selector("#error:not([hidden])", timeout=30_000)
             assert "not a JPEG, PNG or DICOM" in page.inner_text("#error")
+            assert page.locator("#preview").is_hidden() and page.locator("#result").is_hidden()
+            if SCREENSHOTS:  # PNEUMORAY_SCREENSHOTS=DIR: look at what a person sees
+                page.screenshot(path=str(SCREENSHOTS / "upload-error.png"))
             page.fill("#token", "")
             page.set_input_files("#file", str(xray))
             page.click("#submit")
