@@ -110,6 +110,25 @@ def test_the_in_distribution_check_passes_held_out_x_rays_and_flags_foreign_imag
     assert document["ood_score"] > inside["ood_score"].max()
 
 
+def test_train_cli_prints_a_line_per_epoch_and_a_summary_and_nothing_of_rays(phantom_manifest, tmp_path):
+    env = {**os.environ, "PNEUMORAY_RUNS": str(tmp_path / "runs")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--profile", "tiny", "--data", str(phantom_manifest),
+                           "--set", "train.epochs=4", "--set", "train.domain_pretrain=null", "--run-name", "console"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) <= 30, "\n".join(lines)
+    epochs = [line for line in lines if line.startswith("[console] epoch")]
+    assert [line.split(":")[0] for line in epochs] == [f"[console] epoch {k}/4" for k in range(1, 5)]
+    assert all("elapsed" in line and "left" in line for line in epochs)
+    text = "\n".join(lines)
+    assert "registered pneumonia-clip version 1, alias champion" in text and "next: python -m jobs.evaluate" in text
+    for noise in ("TrainingReport", "Traceback", "streaming_executor", "core_worker", "Warning"):
+        assert noise not in text, noise
+
+
 def test_adapter_loads_with_peft(trained):
     from peft import PeftModel
 

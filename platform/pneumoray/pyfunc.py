@@ -68,7 +68,7 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
         logits, embeddings = [], []
         scale = classifier.base_model(self.model).logit_scale.exp()
         for i in range(0, len(pixels), batch_size):
-            x = torch.as_tensor(pixels[i:i + batch_size], device=self.device)
+            x = torch.from_numpy(np.array(pixels[i:i + batch_size], dtype=np.float32)).to(self.device)  # a writable copy
             image = torch.nn.functional.normalize(models.clip_features(self.model, pixel_values=x), dim=-1)
             logits.append((scale * image @ self.text.t()).float().cpu().numpy())
             embeddings.append(image.float().cpu().numpy())
