@@ -245,7 +245,8 @@ def test_promotion_and_demotion(trained):
 def test_killed_worker_resumes_from_its_last_checkpoint(runs, phantom_manifest, tmp_path):
     """A real SIGKILL of the Ray Train worker mid-run; FailureConfig restarts it from the checkpoint."""
     cmd = [sys.executable, "-m", "jobs.train", "--profile", "tiny", "--data", str(phantom_manifest),
-           "--run-name", "clip-killed", "--set", "train.epochs=6", "--no-register", "--out", str(tmp_path / "summary.json")]
+           "--run-name", "clip-killed", "--set", "train.epochs=6", "--no-register", "--out", str(tmp_path / "summary.json"),
+           "--verbose"]  # Ray's own output: the worker's pid and Train's failure policy are read from it
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy())
     lines = []
