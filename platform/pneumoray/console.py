@@ -57,13 +57,12 @@ class EpochLines(threading.Thread):
     synthetic images train side by side); `epochs` is the budget of each.
     """
 
-    def __init__(self, epochs: int, experiment_id: str | None = None, poll_s: float = 2.0, out=print):
+    def __init__(self, epochs: int, experiment_id: str, poll_s: float = 2.0, out=print):
         super().__init__(name="pneumoray-epoch-lines", daemon=True)
         import mlflow
 
         self.client = mlflow.MlflowClient()
-        self.experiment_id = experiment_id or mlflow.get_experiment_by_name(
-            os.environ.get("MLFLOW_EXPERIMENT_NAME", "pneumoray")).experiment_id
+        self.experiment_id = experiment_id
         self.epochs, self.poll_s, self.out = int(epochs), poll_s, out
         self.since_ms = int(time.time() * 1000) - 1000
         self.started = time.time()

@@ -51,15 +51,13 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
     @torch.no_grad()
     def logits(self, pixels: np.ndarray, adapter: bool = True, batch_size: int = 64) -> np.ndarray:
         """(N, C) class logits for preprocessed images; adapter=False gives the zero-shot base model."""
+        if adapter:
+            return self.embed(pixels, batch_size)[0]
         out = []
         for i in range(0, len(pixels), batch_size):
-            x = torch.as_tensor(pixels[i:i + batch_size], device=self.device)
-            if adapter:
-                logits = classifier.logits_against(self.model, x, self.text)
-            else:
-                with self.model.disable_adapter():
-                    logits = classifier.logits_against(self.model, x, self.text_zero_shot)
-            out.append(logits.float().cpu().numpy())
+            x = torch.from_numpy(np.array(pixels[i:i + batch_size], dtype=np.float32)).to(self.device)
+            with self.model.disable_adapter():
+                out.append(classifier.logits_against(self.model, x, self.text_zero_shot).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     @torch.no_grad()

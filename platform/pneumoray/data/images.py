@@ -32,7 +32,11 @@ def decode(data: bytes) -> Image.Image:
         return _decode_dicom(data)
     try:
         img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":  # before decoding: a header that declares more pixels than the file holds
+            check_jpeg_complete(data)
         img.load()  # decode every pixel now: truncated files fail here, not later
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large to decode safely: {e}") from None
     except Image.UnidentifiedImageError:
@@ -41,8 +45,6 @@ def decode(data: bytes) -> Image.Image:
         raise ImageError(f"corrupt or truncated image: {e}") from None
     if img.width == 0 or img.height == 0:
         raise ImageError("image has zero width or height")
-    if img.format == "JPEG":
-        check_jpeg_complete(data)
     return img
 
 
