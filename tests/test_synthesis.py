@@ -119,6 +119,10 @@ def test_registered_pyfunc_generates_what_diffusers_generates(finetuned, tmp_pat
     direct = generation.generate_images(pipe, [config["prompts"]["virus"], config["prompts"]["normal"]], [11, 12],
                                         4, 7.5, config["resolution"])
     assert [generation.png_bytes(i) for i in direct] == list(out["image"])
+    # the model page shows an input example, with its params
+    example = mlflow.models.Model.load(str(root)).load_input_example(str(root))
+    assert list(example.columns) == ["label", "seed"] and example["label"][0] in config["classes"]
+    assert mlflow.models.Model.load(str(root)).load_input_example_params(str(root)) == {"steps": 2}
 
 
 # ------------------------------------------------------------------------------ generation

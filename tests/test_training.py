@@ -90,6 +90,20 @@ print(json.dumps(out.to_dict(orient="list")))
     assert (out[["normal", "virus"]].idxmax(axis=1) == out["label"]).all()
 
 
+def test_the_registered_model_carries_an_input_example_that_it_answers(trained, tmp_path):
+    uri = f"models:/{registry.CLIP_MODEL}@champion"
+    info = mlflow.models.get_model_info(uri)
+    assert info.saved_input_example_info["type"] == "dataframe"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path))
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert list(example.columns) == ["image"] and example["image"][0][:8] == b"\x89PNG\r\n\x1a\n"
+    out = mlflow.pyfunc.load_model(local).predict(example)
+    assert out["label"][0] in ("normal", "virus") and abs(out["normal"][0] + out["virus"][0] - 1) < 1e-6
+    # the copy-paste request body for `mlflow models serve` is stored beside it
+    serving = json.loads((Path(local) / "serving_input_example.json").read_text())
+    assert list(serving) == ["dataframe_split"] and serving["dataframe_split"]["columns"] == ["image"]
+
+
 def test_the_in_distribution_check_passes_held_out_x_rays_and_flags_foreign_images(trained, phantom_manifest):
     from bench import ood as bench_ood
 

@@ -230,6 +230,8 @@ def log_generator(lora_dir: Path, config: dict, base_dir: Path | None, registere
             code_paths=[str(Path(pneumoray.__file__).parent)],
             pip_requirements=[*pip_requirements(), f"diffusers=={_version('diffusers')}"],
             signature=signature, registered_model_name=registered_name,
+            # MLflow shows it on the model page and checks it (loads the model, makes one image in 2 steps)
+            input_example=(pd.DataFrame({"label": [config["classes"][0]], "seed": [0]}), {"steps": 2}),
         )
 
 

@@ -64,8 +64,24 @@ def log_classifier(adapter_dir: str | Path, model_config: dict, base_dir: str | 
             code_paths=[str(Path(pneumoray.__file__).parent)],  # the model carries the library it needs
             pip_requirements=pip_requirements(),
             signature=signature(model_config["classes"]),
+            input_example=input_example(),
             registered_model_name=registered_name,
         )
+
+
+def input_example():
+    """One phantom film as PNG bytes: what the model page shows and MLflow checks (it loads the logged
+    model and predicts on it), and never a patient's image, which would travel with the model."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from .phantoms import render_patient
+
+    buffer = io.BytesIO()
+    Image.fromarray(render_patient("normal", seed=0, index=0, size=64)[0]).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
 
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
