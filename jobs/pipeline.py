@@ -205,7 +205,7 @@ def _evaluate(p: Pipeline) -> dict:
     out, figures = {}, p.out / "figures"
     figures.mkdir(exist_ok=True)
     for key in ("without_synthetic", "with_synthetic"):
-        result = evaluation.evaluate(decision[key]["model_uri"], p.results["manifest"]["path"], "test")
+        result = evaluation.evaluate(decision[key]["model_uri"], p.results["manifest"]["path"], "test", log=True)
         out[key] = result
         confusion_png(__import__("numpy").array(result["confusion_matrix"]), result["classes"],
                       figures / f"confusion_test_{key}.png", f"test, {key.replace('_', ' ')}")

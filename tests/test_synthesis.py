@@ -77,6 +77,7 @@ def test_finetune_is_tracked_and_registered(finetuned):
     run = client.get_run(summary["run_id"])
     assert run.data.params["diffusion.lora.r"] == "4"
     assert run.data.tags["pneumoray.stage"] == "finetune_diffusion"
+    assert [{t.key: t.value for t in d.tags}["mlflow.data.context"] for d in run.inputs.dataset_inputs] == ["training"]
     for name in ("train_loss", "val_loss"):
         assert [m.step for m in client.get_metric_history(summary["run_id"], name)] == [0, 1], name
     version = client.get_model_version(diffusion_training.SD_MODEL, summary["version"])
@@ -149,6 +150,8 @@ def test_quality_is_measured_per_class_and_logged(generated):
                              output_format="list")[0]
     assert run.data.metrics["fd_normal"] == pytest.approx(summary["quality"]["normal"]["fd"])
     assert "kid_virus" in run.data.metrics and run.data.metrics["images_total"] == 20
+    contexts = {{t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(contexts) == {"generated", "reference"} and json.loads(contexts["generated"].profile)["num_rows"] == 20
 
 
 def test_the_same_plan_through_the_base_is_measured_beside_and_shown(generated, finetuned):

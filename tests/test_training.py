@@ -54,6 +54,9 @@ def test_run_is_tracked_in_mlflow(trained):
     assert run.data.tags["pneumoray.manifest_sha256"] == manifest.content_hash(frame)
     assert int(run.data.tags["pneumoray.images.phantom"]) == len(frame)
     assert run.data.tags["pneumoray.imbalance"] == "weighted_loss"
+    (dataset,) = run.inputs.dataset_inputs  # lineage: the manifest is the run's input
+    assert dataset.dataset.digest == manifest.content_hash(frame)[:16] and dataset.dataset.name == "manifest"
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
     history = client.get_metric_history(summary["run_id"], "val_macro_f1")
     assert sorted(m.step for m in history) == [0, 1]
     for name in ("train_loss", "val_accuracy", "val_macro_recall", "val_recall_normal", "val_recall_virus"):
@@ -189,6 +192,28 @@ def test_evaluate_reports_metrics_zero_shot_and_calibration(trained, phantom_man
     assert {"accuracy", "macro_f1", "ece"} <= set(result["zero_shot"])
     assert result["temperature_fitted_on"] == "val" and "ece_after_temperature" in result
     assert "zero-shot" in proc.stdout
+
+    # Issue 17: it names the version it resolved, records a run that takes that version as its input,
+    # and tags the version with its test figures.
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(registry.CLIP_MODEL, "champion")
+    assert result["model_version"] == str(champion.version)
+    assert f"model: {registry.CLIP_MODEL} version {champion.version} (models:/pneumonia-clip@champion)" in proc.stdout
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["pneumoray.stage"] == "evaluate"
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(result["macro_f1"])
+    assert run.data.metrics["zero_shot_test_macro_f1"] == pytest.approx(result["zero_shot"]["macro_f1"])
+    model_id = registry.logged_model_id(champion)
+    assert model_id and [m.model_id for m in run.inputs.model_inputs] == [model_id]
+    (dataset,) = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "test"
+    assert json.loads(dataset.dataset.profile)["num_rows"] == result["n"]
+    assert {f.path for f in client.list_artifacts(result["run_id"], "plots")} == {
+        "plots/confusion_test.png", "plots/reliability_test.png"}
+    # the logged model's page shows the test figures as well
+    assert {m.key for m in client.get_logged_model(model_id).metrics} >= {"test_accuracy", "test_macro_f1"}
+    tags = client.get_model_version(registry.CLIP_MODEL, champion.version).tags
+    assert tags["test_macro_f1"] == f"{result['macro_f1']:.4f}" and result["run_id"] in tags["test_evaluated_by"]
 
 
 def test_evaluate_a_folder_holding_only_a_test_split(trained, phantom_manifest, tmp_path):

@@ -189,6 +189,7 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
                                    "classes": ",".join(classes)}))
         mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
                          "pneumoray.images.train": len(train_rows), "pneumoray.images.val": len(val_rows)})
+        tracking.log_manifest(frame, data_report, "training")
         worker_cfg = {**cfg, "model": base, "prompts": prompts, "classes": classes,
                       "sample_steps": int(profile["generate"]["steps"]),
                       "sample_guidance_scale": float(profile["generate"]["guidance_scale"]),

@@ -60,8 +60,11 @@ def load_model_splits(clf, data, label_set) -> tuple[pd.DataFrame, dict]:
     return frame, report
 
 
-def evaluate(model_uri: str, data, split: str = "test") -> dict:
+def evaluate(model_uri: str, data, split: str = "test", log: bool = False) -> dict:
+    """Metrics of the model on one split of ``data``; with ``log``, also an MLflow run of them, linked to
+    the model version it resolved, and that version tagged with its figures (log_evaluation)."""
     _, clf = load_model(model_uri)
+    name, version = _resolved(model_uri)
     label_set = clf.config.get("label_set") or {c: c for c in clf.classes}
     frame, report = load_model_splits(clf, data, label_set)
     rows = frame[frame["split"] == split]
@@ -89,10 +92,71 @@ def evaluate(model_uri: str, data, split: str = "test") -> dict:
         zero_shot=score(zero_logits, y, clf.classes),
         split=split,
         model_uri=model_uri,
+        model_name=name,
+        model_version=version,
         classes=clf.classes,
         left_out_by_label_set=report.get("excluded_by_label_set", {}),
     )
+    if log:
+        result["run_id"] = log_evaluation(result, rows, report, metrics.softmax(logits, temperature), y)
     return result
+
+
+def _resolved(model_uri: str) -> tuple[str | None, str | None]:
+    """(registered name, version) the URI names now; (None, None) for a run, folder or logged-model URI
+    (``models:/m-...``; the model loaded already, so a URI that resolves to no version is one of those)."""
+    from .registry import resolve_version
+
+    try:
+        return resolve_version(model_uri) if model_uri.startswith("models:/") else (None, None)
+    except mlflow.exceptions.MlflowException:
+        return None, None
+
+
+def log_evaluation(result: dict, rows: pd.DataFrame, report: dict, probs: np.ndarray, y: np.ndarray) -> str:
+    """An MLflow run of the evaluation: its figures, the confusion matrix, a reliability diagram and the
+    images scored as a dataset input. The run takes the model version as an input, its metrics are the
+    logged model's too (so both pages show them), and the version is tagged with them."""
+    import json
+    import tempfile
+
+    from mlflow.entities import LoggedModelInput
+
+    from . import tracking
+    from .plots import confusion_png, reliability_png
+    from .registry import logged_model_id
+
+    split, name, version = result["split"], result["model_name"], result["model_version"]
+    client = mlflow.MlflowClient()
+    model_id = logged_model_id(client.get_model_version(name, version)) if version else None
+    figures = {f"{split}_{k}": result[k] for k in ("accuracy", "macro_f1", "macro_recall", "ece", "ece_after_temperature")
+               if k in result}
+    figures.update({f"{split}_recall_{c}": m["recall"] for c, m in result["per_class"].items()})
+    figures.update({f"zero_shot_{split}_{k}": result["zero_shot"][k] for k in ("accuracy", "macro_f1", "ece")})
+    what = f"{name} version {version}" if version else result["model_uri"]
+    with tracking.find_or_start_run(f"evaluate {what} on {split}", **{"pneumoray.stage": "evaluate"}) as run:
+        mlflow.set_tags({"pneumoray.model_uri": result["model_uri"], "pneumoray.model": what,
+                         "pneumoray.split": split, "pneumoray.temperature_fitted_on": result["temperature_fitted_on"],
+                         "mlflow.note.content": f"{what} ({result['model_uri']}) on the {split} split: "
+                                                f"{result['n']} images, accuracy {result['accuracy']:.4f}, macro-F1 "
+                                                f"{result['macro_f1']:.4f} (zero-shot {result['zero_shot']['macro_f1']:.4f})."})
+        dataset = tracking.log_manifest(rows, report, split,
+                                        model=LoggedModelInput(model_id) if model_id else None)
+        mlflow.log_metrics(figures, model_id=model_id, dataset=dataset)
+        mlflow.log_metric("temperature", result["temperature"])
+        with tempfile.TemporaryDirectory() as tmp:
+            confusion_png(np.array(result["confusion_matrix"]), result["classes"], Path(tmp, f"confusion_{split}.png"),
+                          f"{what}, {split} split")
+            reliability_png(probs, y, Path(tmp, f"reliability_{split}.png"), f"{split}, after temperature")
+            mlflow.log_artifacts(tmp, "plots")
+        mlflow.log_text(json.dumps({k: v for k, v in result.items() if k != "run_id"}, indent=2), f"{split}_metrics.json")
+        run_id = run.info.run_id
+    if version:
+        for key in (f"{split}_accuracy", f"{split}_macro_f1", f"{split}_ece"):
+            client.set_model_version_tag(name, version, key, f"{figures[key]:.4f}")
+        client.set_model_version_tag(name, version, f"{split}_evaluated_by",
+                                     f"run {run_id}, {result['n']} images, manifest sha256 {dataset.digest}")
+    return run_id
 
 
 def format_table(result: dict) -> str:

@@ -151,19 +151,10 @@ def resolve_adapter(ref: str | None) -> dict:
 
 
 def _registry_version(uri: str) -> tuple[str, str]:
-    client = mlflow.MlflowClient()
-    rest = uri.removeprefix("models:/")
+    from .registry import resolve_version
+
     try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return name, client.get_model_version_by_alias(name, alias).version
-        name, _, version = rest.partition("/")
-        if version in ("", "latest"):
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise mlflow.exceptions.MlflowException(f"no versions of {name}")
-            return name, str(max(int(v.version) for v in versions))
-        return name, client.get_model_version(name, version).version
+        return resolve_version(uri)
     except mlflow.exceptions.MlflowException as e:
         raise DataError(f"--adapter {uri}: not in the registry at {mlflow.get_tracking_uri()} ({e}); "
                         "train one with `python -m jobs.finetune_diffusion`, or pass --adapter none") from None

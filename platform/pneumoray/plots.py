@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def confusion_png(cm: np.ndarray, classes: list[str], out: Path, title: str = "") -> Path:
@@ -20,9 +21,12 @@ def confusion_png(cm: np.ndarray, classes: list[str], out: Path, title: str = ""
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)  # of each true class, as recall reads
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(j, i, f"{int(cm[i, j])}\n{100 * share[i, j]:.0f}%", ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -39,7 +43,35 @@ def curves_png(history: dict[str, list[tuple[int, float]]], out: Path) -> Path:
         ax.plot(steps, values, marker="o")
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def reliability_png(probs: np.ndarray, y: np.ndarray, out: Path, title: str = "", bins: int = 10) -> Path:
+    """Accuracy against top-1 confidence per bin, beside the diagonal a calibrated model follows;
+    the bars' labels are how many images each bin holds."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    fig = Figure(figsize=(4.5, 4.2))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ax.bar(edges[b], correct[inside].mean(), width=1 / bins, align="edge", color="#4c72b0",
+                   edgecolor="white", label="accuracy" if b == which.min() else None)
+            ax.text(edges[b] + 0.5 / bins, min(correct[inside].mean() + 0.02, 0.97), int(inside.sum()),
+                    ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability")
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     return out

@@ -192,6 +192,32 @@ def rollback(name: str, to: str | int | None, reason: str) -> dict:
             "reason": why}
 
 
+def resolve_version(uri: str, client=None) -> tuple[str, str]:
+    """(name, version) that a registry URI names now: ``models:/NAME@ALIAS``, ``models:/NAME/N`` or
+    ``models:/NAME/latest``; MlflowException when the store has no such model, alias or version."""
+    client = client or mlflow.MlflowClient()
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = rest.partition("/")
+    if version in ("", "latest"):
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise mlflow.exceptions.MlflowException(f"no versions of registered model {name!r}")
+        return name, str(max(int(v.version) for v in versions))
+    return name, str(client.get_model_version(name, version).version)
+
+
+def logged_model_id(version) -> str | None:
+    """The MLflow logged model (``m-...``) behind a registry version; a SQLite registry keeps it only in
+    the version's source URI (``models:/m-...``)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def version_of_checkpoint(name: str, checkpoint: str):
     """The version already registered from this checkpoint, if any: a rerun must not register twice."""
     client = mlflow.MlflowClient()

@@ -574,14 +574,9 @@ class ModelNotFound(LookupError):
 def _resolve(client, name, alias, pinned) -> str | None:
     if name is None:
         return None
-    if alias is not None:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    if pinned in (None, "", "latest"):
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise ModelNotFound(f"no versions of registered model {name!r}")
-        return str(max(int(v.version) for v in versions))
-    return str(client.get_model_version(name, pinned).version)
+    from .registry import resolve_version
+
+    return resolve_version(f"models:/{name}@{alias}" if alias else f"models:/{name}/{pinned or 'latest'}", client)[1]
 
 
 def check_source(uri: str, tracking_uri: str) -> str | None:

@@ -66,3 +66,21 @@ def find_or_start_run(run_name: str, **tags):
     if found:
         return mlflow.start_run(run_id=found[0].info.run_id)
     return mlflow.start_run(run_name=run_name, tags=tags or None)
+
+
+def log_manifest(frame, report: dict, context: str, model=None):
+    """Log the images a run read as an MLflow dataset input (its lineage on the run page): the manifest's
+    rows without pixels, named after its file(s), with the manifest's content hash as digest."""
+    import mlflow
+
+    from .data.manifest import content_hash
+
+    sources = report.get("data") or []
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    columns = [c for c in ("path", "label", "class", "patient_id", "split", "source", "sha256") if c in frame.columns]
+    dataset = mlflow.data.from_pandas(frame[columns].reset_index(drop=True), source=sources[0] if sources else None,
+                                      targets="label" if "label" in columns else None,
+                                      name="+".join(Path(s).stem for s in sources) or "manifest",
+                                      digest=content_hash(frame)[:16])
+    mlflow.log_input(dataset, context=context, model=model)
+    return dataset

@@ -276,13 +276,17 @@ def build_trainer(profile: dict, inputs: TrainingInputs, run_name: str, run_id: 
 
 
 def log_data_tags(profile: dict, frame: pd.DataFrame, data_report: dict) -> None:
-    """Tags of the active MLflow run: which data (manifest hash, per-source and per-split counts)."""
+    """Tags of the active MLflow run: which data (manifest hash, per-source and per-split counts), and
+    the manifest as the run's dataset input."""
     import mlflow
+
+    from . import tracking
 
     mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
                      "pneumoray.imbalance": profile["train"]["imbalance"],
                      **{f"pneumoray.images.{k}": v for k, v in data_report["counts"]["source"].items()},
                      **{f"pneumoray.split.{k}": v for k, v in data_report["counts"]["split_class"].items()}})
+    tracking.log_manifest(frame, data_report, "training")
 
 
 def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, callbacks=(), register: bool = True) -> dict:
