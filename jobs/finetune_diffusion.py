@@ -1,17 +1,19 @@
 """Fine-tune Stable Diffusion with LoRA on Ray Train; track in MLflow; register `pneumonia-sd-lora`.
 
     python -m jobs.finetune_diffusion --profile tiny --data DIR_OR_MANIFEST [--classes normal,virus]
-                                      [--run-name NAME] [--set diffusion.epochs=5]
+                                      [--run-name NAME] [--set diffusion.epochs=5] [--verbose] [--json]
 
-One adapter for all classes, trained on the real training split with the class prompts. Running
+It prints one line per epoch and a short summary (--verbose: Ray's own output too; --json: the
+summary as JSON). One adapter for all classes, trained on the real training split with the class prompts. Running
 again with the same --run-name continues that run from its last checkpoint.
 """
 
 import argparse
 import json
+import time
 from pathlib import Path
 
-from pneumoray import diffusion_training
+from pneumoray import console, diffusion_training, tracking
 from pneumoray.cli import add_profile_args, profile_from, user_errors
 from pneumoray.data import manifest
 
@@ -23,19 +25,45 @@ def main(argv=None):
     parser.add_argument("--run-name", default=None, help="MLflow/Ray run name; reuse it to resume (default: sd-lora-<profile>)")
     parser.add_argument("--out", help="also write the run summary as JSON here")
     parser.add_argument("--no-register", action="store_true", help="log the adapter but do not register it")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, Ray Data's and the libraries' own output")
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     add_profile_args(parser)
     args = parser.parse_args(argv)
     with user_errors():
         profile = profile_from(args)
         d = profile["data"]
         frame, report = manifest.load_sources(args.data, args.classes or d["classes"], **manifest.split_settings(d))
-        summary = diffusion_training.fit(profile, frame, report, args.run_name or f"sd-lora-{profile['name']}",
-                                         register=not args.no_register)
-    print(json.dumps(summary, indent=2))
+        run_name = args.run_name or f"sd-lora-{profile['name']}"
+        console.setup(args.verbose, job_name=f"finetune_diffusion {run_name}")
+        experiment = tracking.setup_mlflow()
+        cfg, started = profile["diffusion"], time.time()
+        real_train = frame[(frame["split"] == "train") & (frame["source"] != "synthetic")]
+        print(f"fine-tuning the {profile['name']} Stable Diffusion LoRA: {len(real_train)} real training images, "
+              f"classes {','.join(report['classes'])}, {cfg['epochs']} epochs at {cfg['resolution']} px", flush=True)
+        with console.EpochLines(int(cfg["epochs"]), experiment, fields=console.DIFFUSION_FIELDS,
+                                out=lambda line: print(line, flush=True)):
+            summary = diffusion_training.fit(profile, frame, report, run_name, register=not args.no_register)
+    print(_summary_lines(summary, args, time.time() - started), flush=True)
+    if args.json:
+        print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _summary_lines(summary: dict, args, seconds: float) -> str:
+    lines = [f"done in {console.duration(seconds)}: best epoch {summary['best_epoch'] + 1}, val loss "
+             f"{summary['val_loss']:.4f}" + (f" (untrained adapter {summary['val_loss_initial']:.4f})"
+                                             if summary.get("val_loss_initial") is not None else "")]
+    if summary.get("version"):
+        lines.append(f"registered pneumonia-sd-lora version {summary['version']} ({summary['model_uri']})")
+    if summary.get("run_id"):
+        lines.append(f"MLflow run {summary.get('run_name', '?')} ({summary['run_id']}): samples/ and curves/ hold "
+                     "a sample grid per epoch and the loss curve")
+    lines.append(f"next: python -m jobs.generate --profile {args.profile} --adapter {summary['model_uri']} "
+                 f"--data {args.data[0]} --balance --out DIR")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

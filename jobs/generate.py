@@ -2,7 +2,7 @@
 
     python -m jobs.generate --profile tiny --out DIR [--data REAL] [--balance | --counts normal=1000,virus=1000]
                             [--adapter models:/pneumonia-sd-lora/latest | LORA_DIR | none]
-                            [--judge models:/pneumonia-clip@champion] [--no-base]
+                            [--judge models:/pneumonia-clip@champion] [--no-base] [--verbose] [--json]
 
 Writes DIR/images/<label>/*.png and DIR/manifest.parquet (source `synthetic`, split train). A rerun,
 or a rerun after an interruption, makes only the missing images. With --data, each class is
@@ -11,7 +11,8 @@ is the same plan made by the base pipeline with the adapter off (DIR/base/: `fd_
 --no-base skips it): what the fine-tune taught shows as the gap. --judge names a classifier trained
 on real images only; the share of each class's images it assigns to that class is the class's
 `label_fidelity` (and `label_fidelity_base`). DIR/samples.png shows synthetic, real and base images
-per class. All of it goes to summary.json and the MLflow run.
+per class. All of it goes to summary.json and the MLflow run. It prints a progress line at each
+tenth of the plan and a short summary (--verbose: Ray's own output too; --json: the summary as JSON).
 """
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pneumoray import generation, quality, tracking
+from pneumoray import console, generation, quality, tracking
 from pneumoray.cli import add_profile_args, profile_from, user_errors
 from pneumoray.data import manifest
 from pneumoray.data.labels import class_names, parse_classes
@@ -42,6 +43,8 @@ def main(argv=None):
     parser.add_argument("--judge", help="classifier model URI trained on real images only: measures label fidelity")
     parser.add_argument("--no-base", action="store_true", help="do not make the base pipeline's images to compare with")
     parser.add_argument("--run-name", help="MLflow run name (default: generate-<out folder name>)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, Ray Data's and the libraries' own output")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_profile_args(parser)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -74,11 +77,16 @@ def main(argv=None):
 
     rows = generation.plan(counts, prompts, settings["seed"])
     run_name = args.run_name or f"generate-{out.name}"
+    console.setup(args.verbose, job_name=f"generate {run_name}")
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    say(f"generating {len(rows)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}) with adapter "
+        f"{adapter['uri'] or 'none'}, {settings['steps']} steps at {settings['resolution']} px, into {out}")
     with tracking.find_or_start_run(run_name, **{"pneumoray.stage": "generate"}):
         mlflow.log_params({f"generate.{k}": v for k, v in settings.items() if k not in ("actors", "cpus_per_actor")})
         mlflow.log_params({f"counts.{k}": v for k, v in counts.items()})
         t0 = time.perf_counter()
-        made = generation.run(rows, out, adapter, base, settings, profile["hardware"])
+        with console.ImageLines(out / "images", len(rows), out=say):
+            made = generation.run(rows, out, adapter, base, settings, profile["hardware"])
         seconds = time.perf_counter() - t0
         frame = generation.manifest_frame(rows, out, settings)
         path = manifest.write(frame, generation.synthetic_report(frame, classes, settings), out / "manifest.parquet")
@@ -95,7 +103,8 @@ def main(argv=None):
         if adapter["uri"] and real is not None and not args.no_base and len(frame):
             base_settings = {**settings, "adapter": None}
             generation.check_settings(out / "base", base_settings)
-            generation.run(rows, out / "base", {"uri": None, "version": None}, base, base_settings, profile["hardware"])
+            with console.ImageLines(out / "base" / "images", len(rows), "base images (adapter off)", out=say):
+                generation.run(rows, out / "base", {"uri": None, "version": None}, base, base_settings, profile["hardware"])
             base_frame = generation.manifest_frame(rows, out / "base", base_settings)
             manifest.write(base_frame, generation.synthetic_report(base_frame, classes, base_settings),
                            out / "base" / "manifest.parquet")
@@ -115,7 +124,13 @@ def main(argv=None):
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_artifact(str(out / "summary.json"), "quality")
     summary["wall_s"] = round(time.perf_counter() - started, 2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "quality"}, indent=2))
+    say(f"done in {console.duration(summary['wall_s'])}: {len(frame)} images in {summary['manifest']} "
+        f"({', '.join(f'{k} {v}' for k, v in summary['counts'].items())}; {made} made now); summary.json and "
+        f"samples.png beside it; MLflow run {run_name}")
+    if args.data:
+        say(f"next: python -m jobs.train --profile {args.profile} --data {args.data[0]} --data {summary['manifest']}")
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "quality"}, indent=2))
     return summary
 
 

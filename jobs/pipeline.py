@@ -1,6 +1,6 @@
 """The whole platform, stage by stage, on one profile; rerun it to resume.
 
-    python -m jobs.pipeline --profile tiny --out runs/demo [--data DIR] [--no-tune] [--set k=v ...]
+    python -m jobs.pipeline --profile tiny --out runs/demo [--data DIR] [--no-tune] [--set k=v ...] [--verbose]
 
 data (phantoms by default, or --data) -> manifest -> SD LoRA fine-tune -> synthetic generation ->
 tune (optional) -> CLIP LoRA training without and with the synthetic images -> evaluation on the
@@ -133,7 +133,16 @@ def _finetune(p: Pipeline) -> dict:
     from pneumoray import diffusion_training
 
     frame, report = _load_real(p)
-    return diffusion_training.fit(p.profile, frame, report, p.name("pipeline-sd-lora"))
+    with _epoch_lines(p, int(p.profile["diffusion"]["epochs"]), "DIFFUSION_FIELDS"):
+        return diffusion_training.fit(p.profile, frame, report, p.name("pipeline-sd-lora"))
+
+
+def _epoch_lines(p: Pipeline, epochs: int, fields: str):
+    """A line per epoch of the stage's MLflow runs (console.EpochLines)."""
+    from pneumoray import console, tracking
+
+    return console.EpochLines(epochs, tracking.setup_mlflow(), fields=getattr(console, fields),
+                              out=lambda line: print(line, flush=True))
 
 
 def _generate(p: Pipeline) -> dict:
@@ -142,7 +151,8 @@ def _generate(p: Pipeline) -> dict:
     counts = p.profile["pipeline"].get("synthetic_counts")
     argv = ["--out", str(p.out / p.name("synthetic")), "--data", p.results["manifest"]["path"],
             "--adapter", p.results["finetune_diffusion"]["model_uri"], "--run-name", p.name("pipeline-generate"),
-            "--profile", p.args.profile, *sum((["--set", o] for o in p.args.overrides), [])]
+            "--profile", p.args.profile, *sum((["--set", o] for o in p.args.overrides), []),
+            *(["--verbose"] if p.args.verbose else [])]
     if p.args.classes:
         argv += ["--classes", p.args.classes]
     if counts and counts != "balance":
@@ -153,10 +163,12 @@ def _generate(p: Pipeline) -> dict:
 def _tune(p: Pipeline) -> dict:
     if not p.args.tune:
         return {"skipped": True}
-    from pneumoray import search
+    from pneumoray import console, search
 
     frame, report = _load_real(p)
-    summary = search.run(p.profile, frame, report, p.name("pipeline-tune"), register=False)
+    lines = console.trial_lines(int(p.profile["tune"]["num_samples"]), out=lambda line: print(line, flush=True))
+    summary = search.run(p.profile, frame, report, p.name("pipeline-tune"), register=False, callbacks=[lines],
+                         quiet=not p.args.verbose)
     if not summary["complete"]:
         raise RuntimeError("the search was interrupted; rerun the pipeline to continue it")
     best = search.best_trial(summary["trials"])
@@ -183,7 +195,8 @@ def _train(p: Pipeline) -> dict:
     frame, report = manifest.load_sources([p.results["manifest"]["path"], p.results["generate"]["manifest"]],
                                           p.args.classes or d["classes"], **manifest.split_settings(d))
     profile = _tuned_profile(p)
-    without, with_ = synthetic.fit_both(profile, frame, report, p.name("pipeline-clip"))
+    with _epoch_lines(p, int(profile["train"]["epochs"]), "CLASSIFIER_FIELDS"):
+        without, with_ = synthetic.fit_both(profile, frame, report, p.name("pipeline-clip"))
     n_synthetic = int((frame["source"] == "synthetic").sum())
     return synthetic.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_,
                             margin=float(profile["train"].get("synthetic_margin", synthetic.DEFAULT_MARGIN)))
@@ -351,6 +364,7 @@ def main(argv=None):
                         help="run the Ray Tune search first (default: the profile's pipeline.tune)")
     parser.add_argument("--serve-port", type=int, default=8000, help="port of the endpoint check (127.0.0.1)")
     parser.add_argument("--fresh", action="store_true", help="run every stage again as a new attempt (new run names; the old runs are kept)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, Ray Data's, Tune's and the libraries' own output")
     add_profile_args(parser)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -363,6 +377,9 @@ def main(argv=None):
         profile = profile_from(args)
         if args.tune is None:
             args.tune = bool(profile["pipeline"]["tune"])
+        from pneumoray import console
+
+        console.setup(args.verbose, job_name=f"pipeline {out.name}")
         p = Pipeline(out, profile, args)
         p.stage("data", lambda: _data(p))
         p.stage("manifest", lambda: _manifest(p))

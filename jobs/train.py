@@ -37,7 +37,7 @@ def main(argv=None):
         profile = profile_from(args)
         d = profile["data"]
         frame, report = manifest.load_sources(args.data, args.classes or d["classes"], **manifest.split_settings(d))
-    console.setup(args.verbose)
+    console.setup(args.verbose, job_name=f"train {args.run_name or 'clip-' + profile['name']}")
     experiment = tracking.setup_mlflow()
     started = time.time()
     splits = frame["split"].value_counts()

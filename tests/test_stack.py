@@ -3,6 +3,7 @@
 `ray job submit` of the phantom preparation and a tiny training job, whose run and registered model
 land in the stack's MLflow server; `down` stopping exactly that stack."""
 
+import base64
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -20,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pneumoray import stack
+from pneumoray import mlflow_auth, stack
 from pneumoray.phantoms import generate_phantoms
 
 CLUSTER = REPO / "cluster.yaml"
@@ -65,6 +67,11 @@ def test_cluster_yaml_says_what_we_mean():
         assert "RAY_AUTH_MODE=token" in start
     assert "RAY_AUTH_MODE=disabled" not in json.dumps(cfg)
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # MLflow's basic auth on the head's server, its user shipped like the token and exported on every node.
+    assert cfg["file_mounts"]["~/.mlflow/credentials"] == "~/.mlflow/credentials"
+    assert "mlflow server --app-name basic-auth" in head and "pneumoray.mlflow_auth server-env" in head
+    for start in (head, worker):
+        assert 'eval "$(~/venv/bin/python -m pneumoray.mlflow_auth client-env)"' in start
     # The dashboard on the head's loopback only; nothing but SSH let in from outside.
     assert "--dashboard-host=127.0.0.1" in head and "--dashboard-host=0.0.0.0" not in head
     assert cfg["provider"]["security_group"]["IpPermissions"] == []
@@ -91,6 +98,25 @@ def test_cluster_yaml_says_what_we_mean():
     # Jobs find the MLflow server on the head; rsync leaves .gitignore'd folders (runs/, .venv/) home.
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in worker and "MLFLOW_TRACKING_URI=" in head
     assert ".gitignore" in cfg["rsync_filter"]
+
+
+def test_mlflow_credentials_are_made_once_private_and_exported(tmp_path):
+    creds = tmp_path / "home" / "credentials"
+    out = subprocess.run([sys.executable, "-m", "pneumoray.mlflow_auth", "client-env", "--credentials", str(creds)],
+                         capture_output=True, text=True, check=True).stdout
+    assert creds.stat().st_mode & 0o777 == 0o600
+    user, password = mlflow_auth.ensure_credentials(creds)
+    assert out.splitlines() == [f"export MLFLOW_TRACKING_USERNAME={user}", f"export MLFLOW_TRACKING_PASSWORD={password}"]
+    assert len(password) >= 24 and mlflow_auth.ensure_credentials(creds) == (user, password)  # made once
+    env = mlflow_auth.server_env(tmp_path / "server", creds)
+    config = Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
+    assert f"admin_username = {user}" in config and "default_permission = READ" in config
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == password and len(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == 64
+    assert mlflow_auth.server_env(tmp_path / "server", creds) == env  # the same key across restarts
+    creds.chmod(0o644)
+    proc = subprocess.run([sys.executable, "-m", "pneumoray.mlflow_auth", "client-env", "--credentials", str(creds)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and f"chmod 600 {creds}" in proc.stderr
 
 
 def test_runtime_env_ships_the_library():
@@ -181,6 +207,18 @@ def test_up_again_reports_the_running_stack(running, address_file):
     for key, value in stack.user_env(running).items():
         assert f"export {key}={shlex.quote(value)}" in env_file
     assert "RAY_AUTH_MODE=token" in env_file
+    assert (Path(running["dir"]) / "stack.env").stat().st_mode & 0o777 == 0o600  # it holds the MLflow password
+    # MLflow's basic auth is on: the API refuses a request without the stack's user, answers with it.
+    api = f"{running['urls']['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert stack._get(api) == 401
+    creds = stack.credentials_path(running)
+    assert creds.stat().st_mode & 0o777 == 0o600
+    user, password = mlflow_auth.ensure_credentials(creds)
+    request = urllib.request.Request(api, headers={"Authorization": "Basic " + base64.b64encode(
+        f"{user}:{password}".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    assert stack._get(f"{running['urls']['mlflow']}/health") == 200  # health needs no login
     # Token auth is on: the job API refuses a request without the token.
     assert stack._get(f"{running['urls']['dashboard']}/api/jobs/") == 401
     # The stack's head keeps its address in its own temp dir: a plain ray.init() elsewhere does not follow it.
@@ -188,7 +226,7 @@ def test_up_again_reports_the_running_stack(running, address_file):
     assert (path.read_text() if path.exists() else None) == before
 
 
-def test_job_submit_trains_into_the_stacks_mlflow(running, tmp_path_factory):
+def test_job_submit_trains_into_the_stacks_mlflow(running, tmp_path_factory, monkeypatch):
     from mlflow import MlflowClient
 
     data = tmp_path_factory.mktemp("data")
@@ -204,7 +242,8 @@ def test_job_submit_trains_into_the_stacks_mlflow(running, tmp_path_factory):
     t0 = time.monotonic()
     proc = subprocess.run(
         ray_cli("job", "submit", "--working-dir", ".", "--runtime-env", "runtime_env.yaml",
-                "--submission-id", submission, "--", "bash", "-c", " && ".join(shlex.join(s) for s in steps)),
+                "--submission-id", submission, "--metadata-json", json.dumps({"job_name": "stack-test"}),
+                "--", "bash", "-c", " && ".join(shlex.join(s) for s in steps)),
         cwd=REPO, env=job_env(running), capture_output=True, text=True, timeout=900)
     print(f"\njob submit wall: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -223,6 +262,9 @@ def test_job_submit_trains_into_the_stacks_mlflow(running, tmp_path_factory):
     summary = json.loads(summary_file.read_text())
     # registry_uri too: without it the client uses the process-wide registry URI, which an earlier test's
     # mlflow.set_registry_uri may have pointed at its own store.
+    # MLflow's standard variables carry the stack's user, as stack.env sets them for a shell.
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, stack.user_env(running)[key])
     client = MlflowClient(tracking_uri=running["urls"]["mlflow"], registry_uri=running["urls"]["mlflow"])
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "stack-test"

@@ -1,7 +1,7 @@
 """Search lora_alpha, lora_dropout and lr with Ray Tune (Optuna + ASHA); register the best model.
 
     python -m tune --profile tiny --data DIR_OR_MANIFEST [--data MORE ...] [--num-samples N]
-                   [--classes normal,virus] [--name NAME] [--set tune.epochs=3]
+                   [--classes normal,virus] [--name NAME] [--set tune.epochs=3] [--verbose]
 
 The space, the budget and the scheduler are the profile's `tune:` section. Each trial is the
 TorchTrainer of jobs.train with the trial's hyper-parameters; MLflow gets a parent run NAME and a
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pneumoray import search
+from pneumoray import console, search
 from pneumoray.cli import add_profile_args, profile_from, user_errors
 from pneumoray.data import manifest
 
@@ -33,6 +33,7 @@ def main(argv=None):
                                        "(default: tune-<profile>)")
     parser.add_argument("--out", help="also write the summary as JSON here")
     parser.add_argument("--no-register", action="store_true", help="log the best model but do not register it")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output (Tune's status table)")
     add_profile_args(parser)
     args = parser.parse_args(argv)
     with user_errors():
@@ -45,8 +46,11 @@ def main(argv=None):
             profile["tune"]["num_samples"] = args.num_samples
         d = profile["data"]
         frame, report = manifest.load_sources(args.data, args.classes or d["classes"], **manifest.split_settings(d))
-        summary = search.run(profile, frame, report, args.name or f"tune-{profile['name']}",
-                             register=not args.no_register)
+        name = args.name or f"tune-{profile['name']}"
+        console.setup(args.verbose, job_name=f"tune {name}")
+        lines = console.trial_lines(int(profile["tune"]["num_samples"]), out=lambda line: print(line, flush=True))
+        summary = search.run(profile, frame, report, name, register=not args.no_register,
+                             callbacks=[lines], quiet=not args.verbose)
     print()
     print(search.format_table(summary["trials"]))
     print()

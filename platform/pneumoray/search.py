@@ -232,8 +232,12 @@ def trial(config: dict, ctx: dict, inputs: training.TrainingInputs) -> None:
 
 # ----------------------------------------------------------------------------- on the driver
 
-def run(profile: dict, frame: pd.DataFrame, data_report: dict, name: str, *, register: bool = True) -> dict:
-    """Run (or continue) the search `name`; register its best model; return the summary."""
+def run(profile: dict, frame: pd.DataFrame, data_report: dict, name: str, *, register: bool = True,
+        callbacks=(), quiet: bool = False) -> dict:
+    """Run (or continue) the search `name`; register its best model; return the summary.
+
+    ``callbacks`` are Tune callbacks (a new search only: a restored one keeps its own run config);
+    ``quiet`` turns Tune's status table off."""
     import mlflow
     import ray
     from ray import tune
@@ -283,7 +287,8 @@ def run(profile: dict, frame: pd.DataFrame, data_report: dict, name: str, *, reg
             tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(tc, epochs, plan),
                                run_config=tune.RunConfig(name=name, storage_path=str(storage),
                                                          failure_config=tune.FailureConfig(max_failures=0),
-                                                         callbacks=[release_placement_groups_callback()]))
+                                                         callbacks=[release_placement_groups_callback(), *callbacks],
+                                                         verbose=0 if quiet else None))
         grid = tuner.fit()
 
         # Statuses as Tune saved them: after Ctrl-C, Tune marks the trials it cuts short TERMINATED in

@@ -5,10 +5,12 @@
     python -m pneumoray.stack down   [--dir runs/stack] [--timeout 20]
 
 `up` starts what is not already running, waits until both answer and writes DIR/stack.env
-(`source runs/stack/stack.env`, then `ray job submit --working-dir . --runtime-env runtime_env.yaml
--- python -m jobs.<stage> ...`). The Ray head's dashboard listens on 127.0.0.1 only and token auth
-stays on; MLflow keeps runs and the registry in DIR/mlflow.db and serves artifacts from
-DIR/mlartifacts. Jobs inherit MLFLOW_TRACKING_URI and PNEUMORAY_RUNS (DIR/runs) from the head.
+(`source runs/stack/stack.env`, then `ray job submit --metadata-json '{"job_name": "train"}'
+--working-dir . --runtime-env runtime_env.yaml -- python -m jobs.<stage> ...`). The Ray head's
+dashboard listens on 127.0.0.1 only and token auth stays on; MLflow keeps runs and the registry in
+DIR/mlflow.db, serves artifacts from DIR/mlartifacts, and runs MLflow's basic-auth app: one user,
+made at the first `up` in DIR/mlflow-credentials (mlflow_auth.py). Jobs inherit MLFLOW_TRACKING_URI,
+MLflow's MLFLOW_TRACKING_USERNAME / _PASSWORD and PNEUMORAY_RUNS (DIR/runs) from the head.
 
 `down` stops exactly what `up` started and nothing else: never `ray stop`, which stops every Ray on
 the machine. Each service runs in its own session; `down` signals that session's processes and
@@ -34,12 +36,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import mlflow_auth
+
 DEFAULT_DIR = "runs/stack"
 HOST = "127.0.0.1"
 # Ray's default worker port range: a service port inside it is refused by `ray start`.
 RAY_WORKER_PORTS = range(10002, 20000)
 STATE = "stack.json"
 ENV_FILE = "stack.env"
+MLFLOW_CREDENTIALS = "mlflow-credentials"
 
 
 class StackError(RuntimeError):
@@ -326,14 +331,20 @@ def user_env(state: dict) -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": state["token_path"],
         "MLFLOW_TRACKING_URI": state["urls"]["mlflow"],
+        **mlflow_auth.client_env(credentials_path(state)),  # MLflow's basic auth (mlflow_auth.py)
     }
+
+
+def credentials_path(state: dict) -> Path:
+    """The stack's MLflow user (mlflow_auth's format), made at the first `up`."""
+    return Path(state["dir"]) / MLFLOW_CREDENTIALS
 
 
 def head_env(state: dict, python: str) -> dict[str, str]:
     """The Ray head's environment, which every driver and worker of a job inherits."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI",
-                        "MLFLOW_REGISTRY_URI", "PNEUMORAY_RUNS")}
+                        "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_TOKEN", "PNEUMORAY_RUNS")}
     env.update({
         "RAY_AUTH_MODE": "token",  # explicit: a RAY_AUTH_MODE=disabled in the caller's shell never leaks in
         "RAY_AUTH_TOKEN_PATH": state["token_path"],
@@ -342,6 +353,7 @@ def head_env(state: dict, python: str) -> dict[str, str]:
         # upgrades); `down` stops everything at once anyway.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "MLFLOW_TRACKING_URI": state["urls"]["mlflow"],
+        **mlflow_auth.client_env(credentials_path(state)),  # every job and replica logs in as the stack's user
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PNEUMORAY_RUNS": str(Path(state["dir"]) / "runs"),
         # `python` in a job's entrypoint is the interpreter that runs Ray.
@@ -356,7 +368,8 @@ def write_env_file(state: dict) -> Path:
              f"# Use: source {path}",
              f"# Ray dashboard {state['urls']['dashboard']}   MLflow UI {state['urls']['mlflow']}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in user_env(state).items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.unlink(missing_ok=True)
+    mlflow_auth._write_private(path, "\n".join(lines) + "\n")  # it holds the MLflow password: 0600
     return path
 
 
@@ -432,9 +445,11 @@ def up(root: str | Path = DEFAULT_DIR, ray_port: int = 6379, dashboard_port: int
     if not mlflow_alive:
         (root / "mlartifacts").mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
-        env.update({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
+        env.update({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                    **mlflow_auth.server_env(root / "mlflow-auth", credentials_path(new))})
         new["mlflow"] = _spawn(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            [sys.executable, "-m", "mlflow", "server", "--app-name", mlflow_auth.APP_NAME,
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
              "--serve-artifacts", "--artifacts-destination", str(root / "mlartifacts"),
              "--host", HOST, "--port", str(new["ports"]["mlflow"]), "--workers", "1"],
             env, root / "logs" / "mlflow.log", cwd=root)
@@ -511,13 +526,16 @@ def down(root: str | Path = DEFAULT_DIR, timeout: float = 20.0, log=print) -> di
 def _print_env(state: dict) -> None:
     env_file = Path(state["dir"]) / ENV_FILE
     print(f"Ray dashboard: {state['urls']['dashboard']}  (token auth on; the token is in {state['token_path']})")
-    print(f"MLflow UI:     {state['urls']['mlflow']}")
+    print(f"MLflow UI:     {state['urls']['mlflow']}  (log in as the user and password in {credentials_path(state)})")
     print(f"environment:   {env_file}")
-    print(env_file.read_text().rstrip())
+    print("\n".join(line if "MLFLOW_TRACKING_PASSWORD" not in line
+                    else f"export MLFLOW_TRACKING_PASSWORD=...  # in {credentials_path(state)}"
+                    for line in env_file.read_text().rstrip().splitlines()))
     shown = env_file.relative_to(Path.cwd()) if env_file.is_relative_to(Path.cwd()) else env_file
     print("\nThen, from the repository root:")
     print(f"  source {shown}")
-    print("  ray job submit --working-dir . --runtime-env runtime_env.yaml -- python -m jobs.train "
+    print("  ray job submit --metadata-json '{\"job_name\": \"train\"}' --working-dir . --runtime-env runtime_env.yaml "
+          "-- python -m jobs.train "
           "--profile tiny --data $PWD/runs/demo/manifest.parquet")
 
 
