@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pneumoray import evaluation
+from pneumoray import console, evaluation
 from pneumoray.cli import user_errors
 
 
@@ -23,7 +23,10 @@ def main(argv=None):
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="write the metrics as JSON here")
     parser.add_argument("--no-log", action="store_true", help="record nothing in MLflow")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own logs and warnings")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        console.quiet()
     with user_errors():
         result = evaluation.evaluate(args.model, args.data, args.split, log=not args.no_log)
     what = f"{result['model_name']} version {result['model_version']}" if result["model_version"] else args.model

@@ -176,6 +176,7 @@ def test_interrupted_search_continues_and_a_worse_model_is_only_challenger(ray_l
     assert sent, "never saw a checkpoint:\n" + output[-3000:]
     assert proc.returncode == 3, output[-3000:]
     assert "interrupted: run the same command again" in output and "trial " in output  # the table
+    assert "Configuration for experiment" not in output and "tensorboard" not in output  # Tune's own output is off
 
     profile = load_profile("tiny", overrides)
     frame, report = manifest.load_sources([phantom_manifest], CLASSES)

@@ -31,26 +31,34 @@ def setup(verbose: bool = False, job_name: str | None = None) -> None:
         if job_config is not None and not ray.is_initialized():
             ray.init(job_config=job_config)
         return
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # diffusers sets its level from this at first use
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
+    # Tune's new output engine prints its configuration box and result paths even at verbose=0; its
+    # legacy reporter at verbose=0 prints nothing (read when a Tuner runs, so setting it here is in time).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet()
     if not ray.is_initialized():
         # An address (RAY_ADDRESS, `ray job submit`) is joined; else a local Ray starts. Either way the
         # workers' output stays in their log files (the dashboard shows them), not on this console.
         ray.init(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True, job_config=job_config)
-    import mlflow  # noqa: F401  (mlflow, ray.data and transformers set up their loggers at import: quiet them after)
-    import transformers
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    transformers.utils.logging.disable_progress_bar()
+    quiet()  # ray.init configured its loggers anew
+
+
+def quiet() -> None:
+    """The libraries' INFO logs, warnings and progress bars off in this process (a job without Ray
+    calls this alone)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # diffusers sets its level from this at first use
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    import mlflow  # noqa: F401  (mlflow and transformers set up their loggers at import: quiet them after)
+    import transformers
     from diffusers.utils import logging as diffusers_logging  # "Loading pipeline components" bars
 
+    transformers.utils.logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -101,13 +109,14 @@ class EpochLines(threading.Thread):
                 now, done = time.time(), step + 1
                 elapsed = now - self.started
                 t0, e0 = self.first.setdefault(run.info.run_id, (now, done))
-                # per epoch from the epochs seen so far (start-up excluded); before the second, the first's time
-                per_epoch = (now - t0) / (done - e0) if done > e0 else elapsed / done
-                eta = per_epoch * (self.epochs - done)
+                # per epoch from the epochs seen so far, start-up excluded (a first epoch's time holds the
+                # start-up, such as a base model's pretraining, so it gives no estimate)
+                left = (f", ~{duration((now - t0) / (done - e0) * (self.epochs - done))} left"
+                        if done > e0 else "")
                 figures = ", ".join(f"{label} {values[key][step]:.3f}" for key, label in self.fields
                                     if step in values[key])
                 self.out(f"[{run.info.run_name}] epoch {done}/{self.epochs}: {figures}"
-                         f"  ({duration(elapsed)} elapsed, ~{duration(eta)} left)")
+                         f"  ({duration(elapsed)} elapsed{left})")
             self.seen[run.info.run_id] = max(new) + 1
 
     def run(self) -> None:

@@ -103,14 +103,26 @@ def evaluate(model_uri: str, data, split: str = "test", log: bool = False) -> di
 
 
 def _resolved(model_uri: str) -> tuple[str | None, str | None]:
-    """(registered name, version) the URI names now; (None, None) for a run, folder or logged-model URI
-    (``models:/m-...``; the model loaded already, so a URI that resolves to no version is one of those)."""
-    from .registry import resolve_version
+    """(registered name, version) the URI names now: a registry URI's, or for a logged model's URI
+    (``models:/m-...``) the version registered from it; (None, None) for anything else."""
+    from .registry import logged_model_id, resolve_version
 
+    if not model_uri.startswith("models:/"):
+        return None, None
     try:
-        return resolve_version(model_uri) if model_uri.startswith("models:/") else (None, None)
+        return resolve_version(model_uri)
+    except mlflow.exceptions.MlflowException:  # the model loaded already: a logged-model URI
+        pass
+    client = mlflow.MlflowClient()
+    model_id = model_uri.removeprefix("models:/")
+    try:
+        run_id = client.get_logged_model(model_id).source_run_id
     except mlflow.exceptions.MlflowException:
         return None, None
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        if logged_model_id(version) == model_id:
+            return version.name, str(version.version)
+    return None, None
 
 
 def log_evaluation(result: dict, rows: pd.DataFrame, report: dict, probs: np.ndarray, y: np.ndarray) -> str:

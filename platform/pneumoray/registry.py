@@ -115,7 +115,8 @@ def describe(name: str, version: str | int, run_id: str, decided_by: str) -> str
         f"Trained by run `{run.info.run_name}` ({run_id}), profile `{tags.get('pneumoray.profile', '?')}`.",
         f"Data: manifest sha256 {tags.get('pneumoray.manifest_sha256', '?')[:16]}; images: {images or '?'}.",
         *([f"Split (patient-grouped; test never read in training): {split}."] if split else []),
-        f"Validation at the registered epoch ({int(metrics['best_epoch']) if 'best_epoch' in metrics else '?'}): "
+        f"Validation at the registered epoch ({int(metrics['best_epoch']) + 1 if 'best_epoch' in metrics else '?'}, "
+        "counted from 1): "
         f"{figures or '?'}.",
         f"Alias decided by: {decided_by}.",
     ])

@@ -284,6 +284,10 @@ def run(profile: dict, frame: pd.DataFrame, data_report: dict, name: str, *, reg
         else:
             print(f"[pneumoray] search {name}: {num_samples} trials of up to {epochs} epochs, "
                   f"{plan['max_concurrent']} at a time ({plan['per_trial']} each, limited by {plan['limited_by']})")
+            if quiet:  # Optuna configures its own INFO handler at first use ("A new study created ...")
+                import optuna
+
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
             tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(tc, epochs, plan),
                                run_config=tune.RunConfig(name=name, storage_path=str(storage),
                                                          failure_config=tune.FailureConfig(max_failures=0),

@@ -80,7 +80,8 @@ def log_manifest(frame, report: dict, context: str, model=None):
     columns = [c for c in ("path", "label", "class", "patient_id", "split", "source", "sha256") if c in frame.columns]
     dataset = mlflow.data.from_pandas(frame[columns].reset_index(drop=True), source=sources[0] if sources else None,
                                       targets="label" if "label" in columns else None,
-                                      name="+".join(Path(s).stem for s in sources) or "manifest",
+                                      name=" + ".join(f"{Path(s).parent.name}/{Path(s).stem}" for s in sources)
+                                      or "manifest",
                                       digest=content_hash(frame)[:16])
     mlflow.log_input(dataset, context=context, model=model)
     return dataset

@@ -352,6 +352,12 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
             mlflow.log_artifacts(tmp, "plots")
         mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_macro_f1": state["val_macro_f1"],
                             "best_val_accuracy": state["val_accuracy"], "temperature": temperature})
+        mlflow.set_tag("mlflow.note.content",  # the run page's description
+                       f"CLIP + LoRA classifier, profile `{profile.get('name', '?')}`, classes {', '.join(classes)}. "
+                       f"The model logged (and registered, when this run won) is epoch {state['epoch'] + 1} "
+                       f"(metric best_epoch counts from 0), the best on validation: macro-F1 {state['val_macro_f1']:.4f}, "
+                       f"accuracy {state['val_accuracy']:.4f}; temperature {temperature:.3f} fitted on validation. "
+                       "The per-epoch curves are in plots/, the data in Datasets.")
         base_ref = inputs.clip
         model_config = {"classes": classes, "label_set": label_set,
                         "prompts": classifier.prompts_for(classes, t["templates"], t.get("class_words")),
