@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Debian's chromium runs the upload-page test (Playwright drives it; no browser is downloaded).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install chromium demo test clean
+.PHONY: install chromium demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -44,6 +44,13 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# The fast tier while working on the code (pure functions; no Ray, no training): about 2 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs
