@@ -65,7 +65,7 @@ def clip_lora(profile: dict, frame, report, seed: int, work: Path, log) -> dict:
     """One jobs.train TorchTrainer run; the figures of its best checkpoint (on val macro-F1)."""
     import mlflow
 
-    from pneumoray import tracking, training
+    from pneumoray import ray_train, tracking, training
 
     t = time.time()
     run_profile = {**profile, "train": {**profile["train"], "seed": seed}}
@@ -74,9 +74,7 @@ def clip_lora(profile: dict, frame, report, seed: int, work: Path, log) -> dict:
         trainer = training.build_trainer(run_profile, inputs, f"bench-real-clip-seed{seed}", run.info.run_id,
                                          tracking_uri=tracking.tracking_uri(), storage_path=work / "ray_results")
         result = trainer.fit()
-    best = result.get_best_checkpoint("val_macro_f1", "max")
-    with best.as_directory() as d:
-        state = json.loads(Path(d, training.CHECKPOINT_STATE).read_text())
+    state = ray_train.read_state(ray_train.best_checkpoint(result, "val_macro_f1", "max"))
     out = figures(state["val_logits"], state["val_labels"], inputs.classes)
     log(f"clip_lora seed {seed}: best epoch {state['epoch'] + 1}/{run_profile['train']['epochs']}, "
         f"acc {out['accuracy']:.3f} macro-F1 {out['macro_f1']:.3f} ({time.time() - t:.0f} s)")
@@ -140,7 +138,7 @@ def main(argv=None) -> int:
     from pneumoray.data import manifest
     from pneumoray.profiles import load_profile
 
-    profile = load_profile(args.profile, [*(["train.epochs=%d" % args.epochs] if args.epochs else []), *args.set])
+    profile = load_profile(args.profile, [*([f"train.epochs={args.epochs}"] if args.epochs else []), *args.set])
     epochs = int(profile["train"]["epochs"])
     work = Path(tempfile.mkdtemp(prefix="pneumoray-bench-real-"))
     frame, report = manifest.build(data, CLASSES, **manifest.split_settings(profile["data"]))

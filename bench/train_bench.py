@@ -135,7 +135,7 @@ def run_plain(args) -> dict:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from pneumoray import classifier, metrics, models, training
+    from pneumoray import classifier, models, ray_train, training
     from pneumoray.data import images
 
     torch.set_num_threads(args.threads)
@@ -176,27 +176,31 @@ def run_plain(args) -> dict:
         ends = []
         bs = cfg["batch_size"]
         phases = []
+
+        def step(batch):
+            return classifier.train_step(model, batch["pixel_values"], batch["label"], bank, optimizer, class_w)
+
+        def batches(x, y, order):
+            return ({"pixel_values": x[i], "label": y[i]} for i in order.split(bs))
+
         for epoch in range(cfg["epochs"]):
+            # the worker's own epoch: ray_train.train_epoch, then training.validate, over in-memory tensors
             t_train = time.perf_counter()
-            losses = []
-            for idx in torch.randperm(len(x_train), generator=gen).split(bs):
-                losses.append(classifier.train_step(model, x_train[idx], y_train[idx], bank, optimizer, class_w))
-                scheduler.step()
+            train_loss = ray_train.train_epoch(batches(x_train, y_train, torch.randperm(len(x_train), generator=gen)),
+                                               step, scheduler)
             t_val = time.perf_counter()
-            logits = torch.cat([classifier.predict_logits(model, x_val[i:i + bs], bank) for i in range(0, len(x_val), bs)])
-            rep = metrics.classification_report(y_val.numpy(), logits.numpy().argmax(1), classes)
-            values = {"train_loss": float(np.mean(losses)), "val_accuracy": rep["accuracy"],
-                      "val_macro_f1": rep["macro_f1"], "val_macro_recall": rep["macro_recall"]}
+            rep, _, _ = training.validate(model, batches(x_val, y_val, torch.arange(len(x_val))), bank, classes)
+            values = training.epoch_metrics(epoch, train_loss, rep)
             ends.append(time.time())  # the point where the Ray worker logs its epoch
             t_save = time.perf_counter()
             now = int(ends[-1] * 1000)
             client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(k, float(v), now, epoch)
-                                                        for k, v in values.items()])
+                                                        for k, v in values.items() if k != "epoch"])
             d = tempfile.mkdtemp(prefix=f"epoch{epoch}-", dir=args.work)
             model.save_pretrained(os.path.join(d, "adapter"))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                        os.path.join(d, "optimizer.pt"))
-            Path(d, "state.json").write_text(json.dumps({**values, "epoch": epoch}))
+            Path(d, ray_train.STATE).write_text(json.dumps(values))
             ckpts.append(d)
             while len(ckpts) > 2:
                 shutil.rmtree(ckpts.pop(0), ignore_errors=True)
@@ -213,13 +217,13 @@ def bench(size: str, quick: bool = False, log=print) -> list[dict]:
     """Both sides at one size, in separate processes: plain, Ray, plain again (tiny) to bracket the load."""
     import sys
 
+    from pneumoray import tiny_models
+
     from . import sizes
     from .common import bench_env, median, row, run_measured
 
-    from pneumoray import models
-
     p = plan(size, quick)
-    manifest_path = phantom_manifest(models.cache_dir() / "bench" / "phantoms-600-96")
+    manifest_path = phantom_manifest(tiny_models.cache_dir() / "bench" / "phantoms-600-96")
     work = Path(tempfile.mkdtemp(prefix=f"pneumoray-bench-train-{size}-"))
     threads = THREADS
     common = ["--clip", sizes.clip_ref(size), "--manifest", str(manifest_path), "--epochs", str(p["epochs"]),

@@ -20,11 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import diffusion, models
+from . import diffusion, models, ray_train, registry, tiny_models
 from .data.manifest import DataError, content_hash
 
-SD_MODEL = "pneumonia-sd-lora"
-STATE = "state.json"
 VAL_SEED = 1234  # fixes the VAE samples, noise and timesteps of the validation loss
 
 
@@ -33,14 +31,14 @@ VAL_SEED = 1234  # fixes the VAE samples, noise and timesteps of the validation 
 def _val_loss(parts, val_shard, texts, cfg, device, autocast) -> float:
     """Mean fixed-seed diffusion loss over the validation images (no grad, eval mode)."""
     parts.unet.eval()
-    losses, weights = [], []
+
+    def loss(i, batch):  # batch i draws the same noise and timesteps every epoch
+        value = diffusion.diffusion_loss(parts, batch["pixel_values"], texts[batch["label"]], generator=VAL_SEED + i)
+        return float(value), len(batch["label"])
+
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        for i, batch in enumerate(val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device)):
-            text = texts[batch["label"]]
-            loss = diffusion.diffusion_loss(parts, batch["pixel_values"], text, generator=VAL_SEED + i)
-            losses.append(float(loss))
-            weights.append(len(batch["label"]))
-    return float(np.average(losses, weights=weights)) if losses else float("nan")
+        scored = ray_train.eval_epoch(val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device), loss)
+    return float(np.average([s[0] for s in scored], weights=[s[1] for s in scored])) if scored else float("nan")
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -50,12 +48,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .training import _log_epoch, _mlflow_client
-
     torch.manual_seed(cfg["seed"])
-    if not torch.cuda.is_available():  # CPU workers: one thread per reserved core, no oversubscription
-        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    rank = ray.train.get_context().get_world_rank()
+    ray_train.limit_threads(cfg["cpus_per_worker"])
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     # Frozen weights in half precision on GPU (the VAE in fp32: fp16 SD VAEs overflow); LoRA in fp32.
@@ -74,55 +68,40 @@ def train_loop_per_worker(cfg: dict) -> None:
                               num_training_steps=total)
     scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
 
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            weights = load_file(os.path.join(d, "lora", diffusion.LORA_WEIGHTS))
-            set_peft_model_state_dict(pipe.unet, {k.removeprefix("unet."): v for k, v in weights.items()})
-            saved = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            start_epoch = json.loads(Path(d, STATE).read_text())["epoch"] + 1
-        print(f"[pneumoray] resuming SD LoRA from the checkpoint of epoch {start_epoch - 1}")
+    def load_weights(d):
+        weights = load_file(os.path.join(d, "lora", diffusion.LORA_WEIGHTS))
+        set_peft_model_state_dict(pipe.unet, {k.removeprefix("unet."): v for k, v in weights.items()})
+
+    start_epoch = ray_train.resume(optimizer, scheduler, load_weights)
 
     unet = ray.train.torch.prepare_model(pipe.unet, move_to_device=False)  # DDP when several workers
     parts = diffusion.training_parts(pipe, unet=unet, prediction_type=cfg.get("prediction_type"))
     texts = diffusion.encode_prompts(pipe, cfg["prompts"]).to(device)  # one per class, encoded once
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    client = _mlflow_client(cfg) if rank == 0 else None
-    if client and start_epoch:
-        _log_epoch(client, cfg["mlflow_run_id"], {"resumed_at_epoch": start_epoch}, start_epoch)
-    if client and start_epoch == 0:  # the untrained adapter's score: what training must beat
-        _log_epoch(client, cfg["mlflow_run_id"],
-                   {"val_loss_initial": _val_loss(parts, val_shard, texts, cfg, device, half)}, 0)
+    client = ray_train.mlflow_client(cfg)
+    if start_epoch:
+        ray_train.log_epoch(client, cfg["mlflow_run_id"], {"resumed_at_epoch": start_epoch}, start_epoch)
+    elif client:  # the untrained adapter's score: what training must beat
+        ray_train.log_epoch(client, cfg["mlflow_run_id"],
+                            {"val_loss_initial": _val_loss(parts, val_shard, texts, cfg, device, half)}, 0)
 
     gen = torch.Generator(device=device)
+
+    def step(batch):
+        return diffusion.train_step(parts, batch["pixel_values"], texts[batch["label"]], optimizer, generator=gen,
+                                    autocast_dtype=half, scaler=scaler, max_grad_norm=cfg["max_grad_norm"])
+
     for epoch in range(start_epoch, cfg["epochs"]):
         gen.manual_seed(cfg["seed"] * 100_003 + epoch)  # a resumed epoch draws the same noise
-        losses = []
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device):  # shuffled each epoch
-            losses.append(diffusion.train_step(parts, batch["pixel_values"], texts[batch["label"]], optimizer,
-                                               generator=gen, autocast_dtype=half, scaler=scaler,
-                                               max_grad_norm=cfg["max_grad_norm"]))
-            scheduler.step()
-        epoch_metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                         "val_loss": _val_loss(parts, val_shard, texts, cfg, device, half),
-                         "lr": scheduler.get_last_lr()[0]}
+        batches = train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device)  # shuffled each epoch
+        values = {"epoch": epoch, "train_loss": ray_train.train_epoch(batches, step, scheduler),
+                  "val_loss": _val_loss(parts, val_shard, texts, cfg, device, half), "lr": scheduler.get_last_lr()[0]}
+        ray_train.log_epoch(client, cfg["mlflow_run_id"], values, epoch)
         if client:
-            _log_epoch(client, cfg["mlflow_run_id"], epoch_metrics, epoch)
             with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
                 _log_samples(client, cfg, pipe, epoch)
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                diffusion.save_lora(unet, Path(d, "lora"))
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                           os.path.join(d, "optimizer.pt"))
-                Path(d, STATE).write_text(json.dumps(epoch_metrics))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(epoch_metrics, checkpoint=ckpt)
+        ray_train.report_epoch(values, values, lambda d: diffusion.save_lora(unet, Path(d, "lora")), optimizer, scheduler)
 
 
 SAMPLE_SEEDS = (11, 12, 13, 14)  # the same starting noise every epoch, so the grids compare
@@ -164,11 +143,8 @@ def _dataset(rows: pd.DataFrame, classes: list[str], size: int, materialize: boo
 def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, register: bool = True) -> dict:
     """Fine-tune the SD LoRA, log it, register it; returns a summary of the run."""
     import mlflow
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from . import tracking
-    from .training import _flatten, _log_params
 
     cfg, hw = profile["diffusion"], profile["hardware"]
     classes = data_report["classes"]
@@ -185,8 +161,8 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
 
     with tracking.find_or_start_run(run_name, **{"pneumoray.stage": "finetune_diffusion"}) as run:
         run_id = run.info.run_id
-        _log_params(run, _flatten({"diffusion": cfg, "hardware": hw, "models.sd": profile["models"]["sd"],
-                                   "classes": ",".join(classes)}))
+        ray_train.log_params(run, {"diffusion": cfg, "hardware": hw, "models.sd": profile["models"]["sd"],
+                                   "classes": ",".join(classes)})
         mlflow.set_tags({"pneumoray.manifest_sha256": content_hash(frame), "pneumoray.profile": profile.get("name", "?"),
                          "pneumoray.images.train": len(train_rows), "pneumoray.images.val": len(val_rows)})
         tracking.log_manifest(frame, data_report, "training")
@@ -195,27 +171,12 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
                       "sample_guidance_scale": float(profile["generate"]["guidance_scale"]),
                       "steps_per_epoch": steps_per_epoch, "cpus_per_worker": hw["cpus_per_worker"],
                       "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri()}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=worker_cfg,
-            scaling_config=ray.train.ScalingConfig(num_workers=n_workers, use_gpu=bool(hw["use_gpu"]),
-                                                   resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
-                                                                         **({"GPU": 1} if hw["use_gpu"] else {})}),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=str(tracking.runs_dir() / "ray_results"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
-                                                             checkpoint_score_order="min"),
-                failure_config=ray.train.FailureConfig(max_failures=int(cfg["max_failures"])),
-            ),
-            datasets={"train": _dataset(train_rows, classes, size, cfg["materialize"], shuffle_seed=int(cfg["seed"])),
-                      "val": _dataset(val_rows, classes, size, cfg["materialize"])},
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        )
-        result = trainer.fit()
-        best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else result.checkpoint
-        if best is None:
-            raise RuntimeError(f"run {run_name} produced no checkpoint; see {tracking.runs_dir() / 'ray_results' / run_name}")
+        datasets = {"train": _dataset(train_rows, classes, size, cfg["materialize"], shuffle_seed=int(cfg["seed"])),
+                    "val": _dataset(val_rows, classes, size, cfg["materialize"])}
+        trainer = ray_train.torch_trainer(train_loop_per_worker, worker_cfg, hw, run_name=run_name,
+                                          storage_path=tracking.runs_dir() / "ray_results", datasets=datasets,
+                                          score="val_loss", mode="min", max_failures=int(cfg["max_failures"]))
+        best = ray_train.best_checkpoint(trainer.fit(), "val_loss", "min")
         summary = _finish(best, profile, base, classes, prompts, run_id, register)
         _log_loss_curve(run_id)
     initial = mlflow.MlflowClient().get_metric_history(run_id, "val_loss_initial")
@@ -249,29 +210,29 @@ def _finish(checkpoint, profile, base, classes, prompts, run_id, register) -> di
     """Log the best checkpoint's adapter as the generator model and register it (once)."""
     import mlflow
 
-    from . import registry
     from .generation import log_generator
 
     cfg = profile["diffusion"]
     with checkpoint.as_directory() as d:
-        state = json.loads(Path(d, STATE).read_text())
+        state = json.loads(Path(d, ray_train.STATE).read_text())
         summary = {"best_epoch": state["epoch"], "val_loss": state["val_loss"], "train_loss": state["train_loss"]}
-        existing = registry.version_of_checkpoint(SD_MODEL, checkpoint.path) if register else None
+        existing = registry.version_of_checkpoint(registry.SD_MODEL, checkpoint.path) if register else None
         if existing is not None:  # a rerun of a finished run: already registered
-            return {**summary, "model_uri": f"models:/{SD_MODEL}/{existing.version}", "version": str(existing.version)}
+            return {**summary, "model_uri": f"models:/{registry.SD_MODEL}/{existing.version}", "version": str(existing.version)}
         mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_loss": state["val_loss"]})
         base_ref = profile["models"]["sd"]
-        config = {"base_model": base_ref, "pretrained_on_training_split": base != base_ref, "classes": classes, "prompts": dict(zip(classes, prompts)),
-                  "template": cfg["template"], "resolution": int(cfg["resolution"]), "lora": cfg["lora"],
+        config = {"base_model": base_ref, "pretrained_on_training_split": base != base_ref, "classes": classes,
+                  "prompts": dict(zip(classes, prompts)), "template": cfg["template"], "resolution": int(cfg["resolution"]),
+                  "lora": cfg["lora"],
                   "epoch": state["epoch"], "val_loss": state["val_loss"]}
         # A base built on this machine (tiny, or pretrained on the training split) travels with the adapter.
-        base_dir = models.resolve_model(base, "sd") if base == models.TINY or models.is_built_here(base) else None
-        info = log_generator(Path(d, "lora"), config, base_dir, SD_MODEL if register else None)
+        base_dir = models.resolve_model(base, "sd") if base == models.TINY or tiny_models.is_built_here(base) else None
+        info = log_generator(Path(d, "lora"), config, base_dir, registry.SD_MODEL if register else None)
     summary["model_uri"] = info.model_uri
     if register:
         version = str(info.registered_model_version)
-        mlflow.MlflowClient().set_model_version_tag(SD_MODEL, version, "pneumoray.checkpoint", checkpoint.path)
-        registry.describe(SD_MODEL, version, run_id, "registered as the latest version (generation pins a version: "
-                                                     "models:/pneumonia-sd-lora/latest resolves to it)")
-        summary.update(model_uri=f"models:/{SD_MODEL}/{version}", version=version)
+        mlflow.MlflowClient().set_model_version_tag(registry.SD_MODEL, version, "pneumoray.checkpoint", checkpoint.path)
+        registry.describe(registry.SD_MODEL, version, run_id, "registered as the latest version (generation pins a version: "
+                                                     f"models:/{registry.SD_MODEL}/latest resolves to it)")
+        summary.update(model_uri=f"models:/{registry.SD_MODEL}/{version}", version=version)
     return summary

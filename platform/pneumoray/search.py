@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import training
+from . import ray_train, training
 from .profiles import ProfileError
 
 METRIC = "val_macro_f1"
@@ -266,10 +266,8 @@ def run(profile: dict, frame: pd.DataFrame, data_report: dict, name: str, *, reg
                     "points_to_evaluate": json.dumps(tc.get("points_to_evaluate") or []),
                     "grace_period": int(tc["grace_period"]), "reduction_factor": tc["reduction_factor"],
                     "max_concurrent": plan["max_concurrent"], "seed": int(tc["seed"])}
-        training._log_params(parent, {**{f"tune.{k}": v for k, v in settings.items()},
-                                      **training._flatten({"train": profile["train"], "hardware": profile["hardware"],
-                                                           "models": profile["models"]}),
-                                      "classes": ",".join(inputs.classes)})
+        ray_train.log_params(parent, {"tune": settings, "train": profile["train"], "hardware": profile["hardware"],
+                                      "models": profile["models"], "classes": ",".join(inputs.classes)})
         # A continued search keeps the settings it started with (Tune restores its own config).
         logged = mlflow.MlflowClient().get_run(parent.info.run_id).data.params
         num_samples = int(logged.get("tune.num_samples", settings["num_samples"]))

@@ -18,30 +18,46 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics
+from . import metrics, ray_train
 from .data.manifest import DataError, content_hash
 
 # torch, transformers and peft are imported where they are used: the Train controller and each Tune
 # trial's driver load this module too, and need none of them (about 10 s of imports on 2 busy CPUs).
 
-CHECKPOINT_STATE = "state.json"
-
-
 # ----------------------------------------------------------------------------- on each worker
+
+def validate(model, batches, bank, classes: list[str], autocast=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(classification report, logits, labels) of the model on the validation batches."""
+    import torch
+
+    from . import classifier
+
+    with torch.no_grad():
+        scored = ray_train.eval_epoch(batches, lambda _, b: (classifier.predict_logits(model, b["pixel_values"], bank,
+                                                                                       autocast).cpu(), b["label"].cpu()))
+    logits = torch.cat([s[0] for s in scored]).numpy()
+    y_true = torch.cat([s[1] for s in scored]).numpy()
+    return metrics.classification_report(y_true, logits.argmax(1), classes), logits, y_true
+
+
+def epoch_metrics(epoch: int, train_loss: float, report: dict) -> dict:
+    """What each epoch reports and logs: train loss, validation accuracy, macro-F1 and recalls."""
+    return {"epoch": epoch, "train_loss": train_loss, "val_accuracy": report["accuracy"],
+            "val_macro_f1": report["macro_f1"], "val_macro_recall": report["macro_recall"],
+            **{f"val_recall_{c}": v["recall"] for c, v in report["per_class"].items()}}
+
 
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-
-    from . import classifier, models
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import get_cosine_schedule_with_warmup
 
+    from . import classifier, models
+
     torch.manual_seed(cfg["seed"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     base, processor = models.load_clip(cfg["model"])
     model = classifier.attach_lora(base, cfg["lora"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -49,81 +65,35 @@ def train_loop_per_worker(cfg: dict) -> None:
     # Linear warm-up, then cosine decay: late epochs settle instead of jumping around the optimum.
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg["steps_per_epoch"] * cfg["warmup_epochs"],
                                                 cfg["steps_per_epoch"] * cfg["epochs"])
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            set_peft_model_state_dict(model, load_file(os.path.join(d, "adapter", "adapter_model.safetensors")))
-            saved = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            start_epoch = json.loads(Path(d, CHECKPOINT_STATE).read_text())["epoch"] + 1
-        print(f"[pneumoray] resuming from the checkpoint of epoch {start_epoch - 1}: starting at epoch {start_epoch}")
+    start_epoch = ray_train.resume(optimizer, scheduler, lambda d: set_peft_model_state_dict(
+        model, load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))))
 
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
+    unwrapped = model.module if hasattr(model, "module") else model
     bank = classifier.PromptBank.build(processor.tokenizer, cfg["prompts"]).to(device)
     weights = torch.tensor(cfg["class_weights"], device=device) if cfg["class_weights"] else None
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"]) if device.type == "cuda" else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    mlflow_client = _mlflow_client(cfg) if rank == 0 else None
-    if mlflow_client and start_epoch:  # visible in MLflow: where each restart picked up
-        _log_epoch(mlflow_client, cfg["mlflow_run_id"], {"resumed_at_epoch": start_epoch}, start_epoch)
+    client = ray_train.mlflow_client(cfg)
+    if start_epoch:  # visible in MLflow: where each restart picked up
+        ray_train.log_epoch(client, cfg["mlflow_run_id"], {"resumed_at_epoch": start_epoch}, start_epoch)
+
+    def step(batch):
+        return classifier.train_step(model, batch["pixel_values"], batch["label"], bank, optimizer, weights, autocast)
 
     for epoch in range(start_epoch, cfg["epochs"]):
-        losses = []
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device):  # shuffled each epoch
-            losses.append(classifier.train_step(model, batch["pixel_values"], batch["label"], bank, optimizer,
-                                                weights, autocast))
-            scheduler.step()
-        y_true, logits = [], []
-        for batch in val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device):
-            logits.append(classifier.predict_logits(model, batch["pixel_values"], bank, autocast).cpu())
-            y_true.append(batch["label"].cpu())
-        y_true = torch.cat(y_true).numpy()
-        logits = torch.cat(logits).numpy()
-        report = metrics.classification_report(y_true, logits.argmax(1), cfg["classes"])
-        epoch_metrics = {
-            "epoch": epoch,
-            "resumed_at_epoch": start_epoch,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "val_accuracy": report["accuracy"],
-            "val_macro_f1": report["macro_f1"],
-            "val_macro_recall": report["macro_recall"],
-            **{f"val_recall_{c}": v["recall"] for c, v in report["per_class"].items()},
-        }
-        if mlflow_client:
-            _log_epoch(mlflow_client, cfg["mlflow_run_id"],
-                       {k: v for k, v in epoch_metrics.items() if k != "resumed_at_epoch"}, epoch)
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                unwrapped = model.module if hasattr(model, "module") else model
-                unwrapped.save_pretrained(os.path.join(d, "adapter"))
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                           os.path.join(d, "optimizer.pt"))
-                state = {**epoch_metrics, "confusion_matrix": report["confusion_matrix"],
-                         "val_logits": logits.tolist(), "val_labels": y_true.tolist()}
-                Path(d, CHECKPOINT_STATE).write_text(json.dumps(state))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(epoch_metrics, checkpoint=ckpt)
-
-
-def _mlflow_client(cfg):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=cfg["tracking_uri"])
-
-
-def _log_epoch(client, run_id: str, values: dict, epoch: int) -> None:
-    """Per-epoch metrics into the driver's MLflow run as training goes (rank 0 only)."""
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in values.items() if k != "epoch"])
+        batches = train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device)  # shuffled each epoch
+        train_loss = ray_train.train_epoch(batches, step, scheduler)
+        report, logits, y_true = validate(model, val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device),
+                                          bank, cfg["classes"], autocast)
+        values = epoch_metrics(epoch, train_loss, report)
+        ray_train.log_epoch(client, cfg["mlflow_run_id"], values, epoch)
+        state = {**values, "resumed_at_epoch": start_epoch, "confusion_matrix": report["confusion_matrix"],
+                 "val_logits": logits.tolist(), "val_labels": y_true.tolist()}
+        ray_train.report_epoch({**values, "resumed_at_epoch": start_epoch}, state,
+                               lambda d: unwrapped.save_pretrained(os.path.join(d, "adapter")), optimizer, scheduler)
 
 
 # ----------------------------------------------------------------------------- on the driver
@@ -141,8 +111,8 @@ def balance(frame: pd.DataFrame, strategy: str, classes: list[str], seed: int):
         return frame, classifier.class_weights(counts).tolist()
     if strategy == "oversample":
         target = max(counts)
-        parts = [frame[frame["class"] == c].sample(target, replace=n < target, random_state=seed) if n else frame[frame["class"] == c]
-                 for c, n in zip(classes, counts)]
+        parts = [frame[frame["class"] == c] for c in classes]
+        parts = [p.sample(target, replace=n < target, random_state=seed) if n else p for p, n in zip(parts, counts)]
         return pd.concat(parts, ignore_index=True), None
     if strategy == "none":
         return frame, None
@@ -251,28 +221,11 @@ def build_trainer(profile: dict, inputs: TrainingInputs, run_name: str, run_id: 
     run_name + storage_path name the Ray Train run: building it again with the same pair resumes
     from its last checkpoint. run_id is the MLflow run rank 0 logs each epoch into.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    t, hw = profile["train"], profile["hardware"]
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**worker_config(profile, inputs.classes, inputs.class_weights, inputs.n_train, run_id,
-                                           tracking_uri, inputs.prompts), "model": inputs.clip},
-        scaling_config=ray.train.ScalingConfig(num_workers=int(hw["num_workers"]), use_gpu=bool(hw["use_gpu"]),
-                                               resources_per_worker={"CPU": float(hw["cpus_per_worker"]),
-                                                                     **({"GPU": 1} if hw["use_gpu"] else {})}),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=str(storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
-                                                         checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=int(t["max_failures"])),
-            callbacks=list(callbacks),
-        ),
-        datasets=dict(inputs.datasets),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
+    config = {**worker_config(profile, inputs.classes, inputs.class_weights, inputs.n_train, run_id, tracking_uri,
+                              inputs.prompts), "model": inputs.clip}
+    return ray_train.torch_trainer(train_loop_per_worker, config, profile["hardware"], run_name=run_name,
+                                   storage_path=storage_path, datasets=inputs.datasets, score="val_macro_f1", mode="max",
+                                   max_failures=int(profile["train"]["max_failures"]), callbacks=callbacks)
 
 
 def log_data_tags(profile: dict, frame: pd.DataFrame, data_report: dict) -> None:
@@ -302,17 +255,13 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, ca
 
     with tracking.find_or_start_run(run_name) as run:
         run_id = run.info.run_id
-        _log_params(run, _flatten({"train": t, "hardware": hw, "models": profile["models"], "classes": ",".join(classes)}))
+        ray_train.log_params(run, {"train": t, "hardware": hw, "models": profile["models"], "classes": ",".join(classes)})
         log_data_tags(profile, frame, data_report)
         trainer = build_trainer(profile, inputs, run_name, run_id, tracking_uri=tracking.tracking_uri(),
                                 storage_path=storage, callbacks=callbacks)
         result = trainer.fit()
-        best = result.get_best_checkpoint("val_macro_f1", "max") if result.best_checkpoints else result.checkpoint
-        if best is None:
-            raise RuntimeError(f"run {run_name} produced no checkpoint; see the Ray logs under {storage / run_name}")
-        summary = finish(best, inputs, run_id, profile, register)
-    with result.checkpoint.as_directory() as d:
-        last_epoch = json.loads(Path(d, CHECKPOINT_STATE).read_text())["epoch"]
+        summary = finish(ray_train.best_checkpoint(result, "val_macro_f1", "max"), inputs, run_id, profile, register)
+    last_epoch = ray_train.read_state(result.checkpoint)["epoch"]
     resumes = mlflow.MlflowClient().get_metric_history(run_id, "resumed_at_epoch")
     return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes, "imbalance": t["imbalance"],
             "last_epoch": last_epoch, "resumed_at_epochs": sorted(int(m.value) for m in resumes)}
@@ -326,14 +275,14 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
     """
     import mlflow
 
-    from . import classifier, models, registry
+    from . import classifier, models, registry, tiny_models
     from .plots import confusion_png, curves_png
 
     t = profile["train"]
     classes, label_set, mean, std, size = inputs.classes, inputs.label_set, inputs.mean, inputs.std, inputs.size
     client = mlflow.MlflowClient()
     with checkpoint.as_directory() as d:
-        state = json.loads(Path(d, CHECKPOINT_STATE).read_text())
+        state = json.loads(Path(d, ray_train.STATE).read_text())
         temperature = metrics.fit_temperature(np.array(state["val_logits"]), state["val_labels"])
         summary = {"best_epoch": state["epoch"], "val_macro_f1": state["val_macro_f1"],
                    "val_accuracy": state["val_accuracy"], "temperature": temperature}
@@ -369,7 +318,7 @@ def finish(checkpoint, inputs: TrainingInputs, run_id: str, profile: dict, regis
         # A base built on this machine (tiny, or pretrained on the training split) travels inside the model;
         # hub models by reference.
         base_folder = models.resolve_model(base_ref, "clip")
-        base_dir = base_folder if models.is_built_here(base_folder) else None
+        base_dir = base_folder if tiny_models.is_built_here(base_folder) else None
         info = registry.log_classifier(Path(d, "adapter"), model_config, base_dir,
                                        registry.CLIP_MODEL if register else None)
     summary["model_uri"] = info.model_uri
@@ -410,26 +359,3 @@ def fit_ood_check(adapter_dir: Path, model_config: dict, inputs: TrainingInputs)
     train_embeddings, _ = embed(inputs.datasets["train"], OOD_MAX_TRAIN_IMAGES)  # shuffled: a random sample
     val_embeddings, val_colour = embed(inputs.datasets["val"])
     return ood.fit(train_embeddings, val_embeddings, val_colour)
-
-
-def _log_params(run, params: dict) -> None:
-    """Log params; a continued run keeps its first values and records what the rerun changed."""
-    import mlflow
-
-    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
-    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
-    changed = {k: f"{logged[k]} -> {v}" for k, v in params.items() if k in logged and logged[k] != str(v)}
-    if changed:
-        print(f"[pneumoray] continuing run {run.info.run_name} with changed settings: {changed}")
-        mlflow.set_tag("pneumoray.continued_with", json.dumps(changed))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v if not isinstance(v, (list, tuple)) else json.dumps(v)
-    return out
