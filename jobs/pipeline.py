@@ -146,18 +146,16 @@ def _epoch_lines(p: Pipeline, epochs: int, fields: str):
 
 
 def _generate(p: Pipeline) -> dict:
-    from jobs import generate
+    from pneumoray import generation
 
+    real = _load_real(p)
+    classes = real[1]["classes"]
     counts = p.profile["pipeline"].get("synthetic_counts")
-    argv = ["--out", str(p.out / p.name("synthetic")), "--data", p.results["manifest"]["path"],
-            "--adapter", p.results["finetune_diffusion"]["model_uri"], "--run-name", p.name("pipeline-generate"),
-            "--profile", p.args.profile, *sum((["--set", o] for o in p.args.overrides), []),
-            *(["--verbose"] if p.args.verbose else [])]
-    if p.args.classes:
-        argv += ["--classes", p.args.classes]
-    if counts and counts != "balance":
-        argv += ["--counts", counts]
-    return generate.main(argv)
+    made = generation.make_synthetic_set(
+        p.profile, p.out / p.name("synthetic"), classes=classes, adapter_ref=p.results["finetune_diffusion"]["model_uri"],
+        real=real, counts=generation.parse_counts(counts, classes) if counts and counts != "balance" else None,
+        run_name=p.name("pipeline-generate"), say=lambda line: print(line, flush=True))
+    return made.to_dict()
 
 
 def _tune(p: Pipeline) -> dict:
@@ -188,7 +186,7 @@ def _tuned_profile(p: Pipeline) -> dict:
 
 
 def _train(p: Pipeline) -> dict:
-    from pneumoray import synthetic
+    from pneumoray import synthetic_gate
     from pneumoray.data import manifest
 
     d = p.profile["data"]
@@ -196,18 +194,19 @@ def _train(p: Pipeline) -> dict:
                                           p.args.classes or d["classes"], **manifest.split_settings(d))
     profile = _tuned_profile(p)
     with _epoch_lines(p, int(profile["train"]["epochs"]), "CLASSIFIER_FIELDS"):
-        without, with_ = synthetic.fit_both(profile, frame, report, p.name("pipeline-clip"))
+        without, with_ = synthetic_gate.fit_both(profile, frame, report, p.name("pipeline-clip"))
     n_synthetic = int((frame["source"] == "synthetic").sum())
-    return synthetic.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_,
-                            margin=float(profile["train"].get("synthetic_margin", synthetic.DEFAULT_MARGIN)))
+    return synthetic_gate.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_,
+                            margin=float(profile["train"].get("synthetic_margin", synthetic_gate.DEFAULT_MARGIN)))
 
 
 def _judge(p: Pipeline) -> dict:
     """The synthetic images' label fidelity, judged by the run trained on real images only."""
-    from jobs import generate
+    from pneumoray import generation
 
     judge_uri = p.results["train"]["synthetic"]["without_synthetic"]["model_uri"]
-    return generate.judge_folder(p.results["generate"]["out"], judge_uri, p.name("pipeline-generate"))
+    return generation.judge_folder(p.results["generate"]["out"], judge_uri, p.name("pipeline-generate"),
+                                   say=lambda line: print(line, flush=True))
 
 
 def _evaluate(p: Pipeline) -> dict:
@@ -228,8 +227,8 @@ def _evaluate(p: Pipeline) -> dict:
 
 def _serve(p: Pipeline) -> dict:
     """Start the endpoint on the registry's champion, answer one real request, stop it."""
-    import requests
     import ray
+    import requests
     from ray import serve as ray_serve
 
     from pneumoray import serving, tracking
@@ -277,7 +276,7 @@ def summarize(p: Pipeline, wall_s: float) -> dict:
     tracking.setup_mlflow()
     client = mlflow.MlflowClient()
     versions = {}
-    for name in (registry.CLIP_MODEL, "pneumonia-sd-lora"):
+    for name in (registry.CLIP_MODEL, registry.SD_MODEL):
         for v in client.search_model_versions(f"name = '{name}'"):
             versions.setdefault(name, {})[str(v.version)] = client.get_model_version(name, v.version).aliases
     decision = r["train"]["synthetic"]
@@ -308,9 +307,10 @@ def summarize(p: Pipeline, wall_s: float) -> dict:
 def write_report(p: Pipeline, summary: dict) -> Path:
     """DIR/report.md: the summary as a person reads it, with the figures."""
     t = summary["test"]
+    classes = list(t["zero_shot"]["recall"])
     lines = [f"# pneumoray pipeline: profile `{summary['profile']}`", "",
-             "## Test split", "", "| model | accuracy | macro-F1 | " + " | ".join(f"recall {c}" for c in t["zero_shot"]["recall"]) + " |",
-             "|---|---|---|" + "---|" * len(t["zero_shot"]["recall"])]
+             "## Test split", "", "| model | accuracy | macro-F1 | " + " | ".join(f"recall {c}" for c in classes) + " |",
+             "|---|---|---|" + "---|" * len(classes)]
     for key in ("with_synthetic", "without_synthetic", "zero_shot"):
         m = t[key]
         lines.append(f"| {key.replace('_', ' ')} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | "
@@ -349,12 +349,14 @@ def print_table(summary: dict) -> None:
     for key in ("with_synthetic", "without_synthetic", "zero_shot"):
         print(f"{key.replace('_', ' '):<22}{t[key]['accuracy']:>10.3f}{t[key]['macro_f1']:>10.3f}")
     print(f"\nsynthetic admitted: {summary['synthetic']['admitted']}   promoted: {summary['registry']['promoted']}")
-    print(f"endpoint answer: {summary['endpoint']['answer'].get('label')} (version {summary['endpoint']['answer'].get('version')})")
+    answer = summary["endpoint"]["answer"]
+    print(f"endpoint answer: {answer.get('label')} (version {answer.get('version')})")
     print(f"wall: {summary['wall_s']:.0f} s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items()))
 
 
 def main(argv=None):
-    from pneumoray.cli import add_profile_args, profile_from, user_errors
+    from pneumoray.cli import add_profile_args, user_errors
+    from pneumoray.profiles import apply_overrides, apply_values, load_profile
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder; rerun with the same folder to resume")
@@ -363,7 +365,8 @@ def main(argv=None):
     parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
                         help="run the Ray Tune search first (default: the profile's pipeline.tune)")
     parser.add_argument("--serve-port", type=int, default=8000, help="port of the endpoint check (127.0.0.1)")
-    parser.add_argument("--fresh", action="store_true", help="run every stage again as a new attempt (new run names; the old runs are kept)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="run every stage again as a new attempt (new run names; the old runs are kept)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's, Ray Data's, Tune's and the libraries' own output")
     add_profile_args(parser)
     args = parser.parse_args(argv)
@@ -371,10 +374,12 @@ def main(argv=None):
     os.environ.setdefault("PNEUMORAY_RUNS", str(out))  # MLflow store and Ray results in DIR
     started = time.perf_counter()
     with user_errors():
-        # The profile's pipeline.overrides (the demo's budget) first, then the user's --set on top.
-        budget = profile_from(args)["pipeline"].get("overrides") or {}
-        args.overrides = [f"{key}={json.dumps(value)}" for key, value in budget.items()] + args.overrides
-        profile = profile_from(args)
+        # The profile's pipeline.overrides (the demo's budget) first, then the user's --set on top
+        # (which may change the budget itself: --set 'pipeline.overrides={}' runs the full budgets).
+        raw = load_profile(args.profile)
+        budget = apply_overrides(raw, args.overrides)["pipeline"].get("overrides") or {}
+        profile = apply_overrides(apply_values(raw, budget), args.overrides)
+        args.overrides = [f"{key}={json.dumps(value)}" for key, value in budget.items()] + args.overrides  # the record
         if args.tune is None:
             args.tune = bool(profile["pipeline"]["tune"])
         from pneumoray import console

@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -352,3 +354,145 @@ def synthetic_report(frame: pd.DataFrame, classes: list[str], settings: dict) ->
     return {"data": "synthetic", "classes": class_names(mapping), "label_set": mapping, "images": len(frame),
             "counts": summarize(frame) if len(frame) else {}, "excluded_by_label_set": {},
             "generation": {k: settings[k] for k in PIXEL_KEYS}}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+@dataclass
+class SyntheticSet:
+    """What the generate stage made: a folder with images/, manifest.parquet, summary.json, samples.png."""
+
+    out: str
+    manifest: str
+    planned: int
+    made_now: int
+    counts: dict            # images per class in the folder
+    adapter: str            # the adapter's URI (a pinned registry version), or "none"
+    adapter_version: str | None
+    generate_s: float
+    images_per_s: float | None
+    quality: dict = field(default_factory=dict)  # per class: FD / KID (and base, floor), label fidelity
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_synthetic_set(profile: dict, out: str | Path, *, classes: list[str], adapter_ref: str | None,
+                       real: tuple[pd.DataFrame, dict] | None = None, counts: dict[str, int] | None = None,
+                       judge_uri: str | None = None, base: bool = True, run_name: str | None = None,
+                       say=print) -> SyntheticSet:
+    """The generate stage: ``counts`` images per class (default: balance ``real``'s classes up to the
+    largest) with the adapter, into ``out``; with ``real`` (frame, report) their FD / KID against the
+    real training images, beside the base pipeline's (adapter off) unless ``base`` is False; with
+    ``judge_uri`` each class's label fidelity. Tracked as MLflow run ``run_name``; a rerun makes only
+    the missing images."""
+    from . import console, quality, tracking
+    from .data import manifest
+
+    out = Path(out).resolve()
+    g = profile["generate"]
+    if counts is None:
+        if real is None:
+            raise DataError("say how many images: --counts normal=1000,virus=1000, or --data REAL to --balance against")
+        counts = balance_counts(real[0])
+    tracking.setup_mlflow()
+    adapter = resolve_adapter(adapter_ref)
+    if adapter["uri"]:
+        base_model, _, gen_config = fetch_adapter(adapter, profile["models"]["sd"])
+    else:
+        base_model, gen_config = profile["models"]["sd"], {}
+    settings = {"adapter": adapter["uri"], "base_model": gen_config.get("base_model", profile["models"]["sd"]),
+                "scheduler": g["scheduler"], "steps": int(g["steps"]), "guidance_scale": float(g["guidance_scale"]),
+                "resolution": int(gen_config.get("resolution") or g["resolution"]), "seed": int(g["seed"]),
+                "batch_size": int(g["batch_size"]), "actors": g.get("actors"), "cpus_per_actor": g.get("cpus_per_actor")}
+    prompts = gen_config.get("prompts") or {c: g["template"].format(label=c) for c in classes}
+    missing = sorted(set(counts) - set(prompts))
+    if missing:
+        raise DataError(f"the adapter has no prompt for {missing}; it was trained on {sorted(prompts)}")
+    check_settings(out, settings)
+
+    rows = plan(counts, prompts, settings["seed"])
+    run_name = run_name or f"generate-{out.name}"
+    say(f"generating {len(rows)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}) with adapter "
+        f"{adapter['uri'] or 'none'}, {settings['steps']} steps at {settings['resolution']} px, into {out}")
+    with tracking.find_or_start_run(run_name, **{"pneumoray.stage": "generate"}):
+        mlflow.log_params({f"generate.{k}": v for k, v in settings.items() if k not in ("actors", "cpus_per_actor")})
+        mlflow.log_params({f"counts.{k}": v for k, v in counts.items()})
+        t0 = time.perf_counter()
+        with console.ImageLines(out / "images", len(rows), out=say):
+            made = run(rows, out, adapter, base_model, settings, profile["hardware"])
+        seconds = time.perf_counter() - t0
+        frame = manifest_frame(rows, out, settings)
+        path = manifest.write(frame, synthetic_report(frame, classes, settings), out / "manifest.parquet")
+        tracking.log_manifest(frame, {"data": str(path)}, "generated")
+        if real is not None:
+            tracking.log_manifest(*real, "reference")  # what FD and the judge compare against
+        result = SyntheticSet(str(out), str(path), len(rows), made,
+                              {k: int(v) for k, v in frame["label"].value_counts().sort_index().items()},
+                              adapter["uri"] or "none", adapter["version"], round(seconds, 2),
+                              round(made / seconds, 3) if made else None)
+        mlflow.log_metrics({"images_total": len(frame), "images_made": made,
+                            **({"images_per_s": made / seconds} if made else {})})
+        base_frame = None
+        if adapter["uri"] and real is not None and base and len(frame):
+            base_settings = {**settings, "adapter": None}
+            check_settings(out / "base", base_settings)
+            with console.ImageLines(out / "base" / "images", len(rows), "base images (adapter off)", out=say):
+                run(rows, out / "base", {"uri": None, "version": None}, base_model, base_settings, profile["hardware"])
+            base_frame = manifest_frame(rows, out / "base", base_settings)
+            manifest.write(base_frame, synthetic_report(base_frame, classes, base_settings),
+                           out / "base" / "manifest.parquet")
+        train_real = None
+        if real is not None and len(frame):
+            train_real = real[0][(real[0]["split"] == "train") & (real[0]["source"] != "synthetic")]
+            result.quality = quality.compare(train_real, frame, profile["models"]["clip"], seed=settings["seed"],
+                                             base=base_frame)
+        if len(frame):
+            mlflow.log_artifact(str(quality.sample_grid(frame, out / "samples.png", real=train_real, base=base_frame)),
+                                "quality")
+        if judge_uri and len(frame):
+            judge(result.quality, frame, base_frame, judge_uri)
+        if result.quality:
+            say(quality.format_table(result.quality))
+            log_quality(result.quality)
+        (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+        mlflow.log_artifact(str(out / "summary.json"), "quality")
+    return result
+
+
+def judge(result: dict, frame: pd.DataFrame, base_frame: pd.DataFrame | None, judge_uri: str) -> dict:
+    """Add each class's label fidelity (synthetic, and base when made) to ``result``, in place."""
+    from . import quality
+
+    for label, share in quality.label_fidelity(frame, judge_uri).items():
+        result.setdefault(label, {})["label_fidelity"] = share
+    if base_frame is not None:
+        for label, share in quality.label_fidelity(base_frame, judge_uri).items():
+            result.setdefault(label, {})["label_fidelity_base"] = share
+    for m in result.values():
+        m["judge"] = judge_uri
+    return result
+
+
+def log_quality(result: dict) -> None:
+    for label, m in result.items():
+        mlflow.log_metrics({f"{k}_{label}": v for k, v in m.items() if not k.startswith("n_") and isinstance(v, (int, float))})
+
+
+def judge_folder(out: str | Path, judge_uri: str, run_name: str, say=print) -> dict:
+    """Label fidelity for a folder already made (the pipeline's real-only classifier exists only after
+    generation): updates its summary.json and its MLflow run; returns the quality."""
+    from . import quality, tracking
+
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text())
+    frame = pd.read_parquet(out / "manifest.parquet")
+    base_path = out / "base" / "manifest.parquet"
+    base_frame = pd.read_parquet(base_path) if base_path.is_file() else None
+    result = judge(summary.setdefault("quality", {}), frame, base_frame, judge_uri)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with tracking.find_or_start_run(run_name, **{"pneumoray.stage": "generate"}):
+        log_quality(result)
+        mlflow.log_artifact(str(out / "summary.json"), "quality")
+    say(quality.format_table(result))
+    return result

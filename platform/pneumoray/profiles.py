@@ -37,11 +37,25 @@ def load_profile(name_or_path: str, overrides: list[str] | tuple[str, ...] = ())
 
 
 def apply_overrides(profile: dict, overrides) -> dict:
-    profile = copy.deepcopy(profile)
+    """A copy of ``profile`` with ``--set``-style overrides (``section.key=value``, the value as YAML)."""
+    values = []  # in order: a later --set of the same key wins
     for item in overrides or ():
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ProfileError(f"bad override {item!r}: write it as section.key=value, e.g. train.lr=1e-4")
+        values.append((key, yaml.safe_load(raw) if raw != "" else None, item))
+    return _set_all(profile, values)
+
+
+def apply_values(profile: dict, values: dict) -> dict:
+    """A copy of ``profile`` with ``{"section.key": value}`` set (values as Python objects, e.g. a
+    profile's own ``pipeline.overrides``); the same checks as ``apply_overrides``."""
+    return _set_all(profile, [(key, value, f"{key}={value!r}") for key, value in (values or {}).items()])
+
+
+def _set_all(profile: dict, values: list[tuple[str, object, str]]) -> dict:
+    profile = copy.deepcopy(profile)
+    for key, value, item in values:
         parts = key.split(".")
         node = profile
         for depth, part in enumerate(parts):
@@ -51,5 +65,5 @@ def apply_overrides(profile: dict, overrides) -> dict:
                 raise ProfileError(f"bad override {item!r}: no key {part!r} in {where}; known keys: {known}")
             if depth < len(parts) - 1:
                 node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        node[parts[-1]] = copy.deepcopy(value)
     return profile
