@@ -55,7 +55,7 @@ lint: $(STAMP)
 clean:
 	rm -rf runs
 
-# The local platform stack (Ray head with dashboard + token auth, MLflow server): see README,
+# The local platform stack (Ray head with dashboard + token auth, MLflow server): see docs/cluster.md,
 # "Running on a cluster". `make stack-up STACK_ARGS="--dashboard-port 8266"` to move a port.
 STACK := runs/stack
 .PHONY: stack-up stack-down
@@ -65,12 +65,12 @@ stack-up: $(STAMP)
 stack-down:
 	$(PY) -m pneumoray.stack down --dir $(STACK)
 
-# Benchmarks (bench/, README "Benchmarks"): `make bench BENCH_ARGS="--quick"` or `--only serve_rps_c32`.
+# Benchmarks (bench/, docs/benchmarks.md): `make bench BENCH_ARGS="--quick"` or `--only serve_rps_c32`.
 .PHONY: bench bench-real load faults
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
-# Accuracy on real X-rays (README "Real data"): clip_lora vs small_cnn vs zero-shot over 3 seeds.
+# Accuracy on real X-rays (docs/benchmarks.md): clip_lora vs small_cnn vs zero-shot over 3 seeds.
 # `make bench-real BENCH_REAL_ARGS="--data DIR --seeds 0"`.
 bench-real: $(STAMP)
 	$(PY) -m bench real $(BENCH_REAL_ARGS)

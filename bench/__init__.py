@@ -6,5 +6,5 @@
     python bench/baseline_cnn.py ...                                 # a small CNN from scratch (accuracy context)
 
 Every ratio is ours / baseline, measured side by side in the same run, warm-up excluded, median of
-several repetitions. See README "Benchmarks".
+several repetitions. See docs/benchmarks.md.
 """

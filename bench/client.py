@@ -127,7 +127,7 @@ def run_load(url: str, requests: list[Req], concurrency: int, duration_s: float,
                 break
             req = requests[i % len(requests)]
             start = time.perf_counter()
-            for attempt in range(1, retries + 2):
+            for attempt in range(1, retries + 2):  # noqa: B007 (the record keeps how many it took)
                 if conn is None:
                     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
                 try:

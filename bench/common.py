@@ -345,10 +345,14 @@ def format_table(rows: list[dict]) -> str:
     cols = [("name", 24), ("size", 7), ("ours", 9), ("baseline", 9), ("ratio", 7), ("unit", 9),
             ("ours p50/p99 ms", 16), ("base p50/p99 ms", 16), ("baseline_name", 0)]
     lines = ["  ".join(f"{c:<{w}}" if w else c for c, w in cols)]
+
+    def latency(r: dict, side: str) -> str:
+        if r.get(side + "_p50_ms") is None:
+            return ""
+        return f"{_fmt(r.get(side + '_p50_ms'))}/{_fmt(r.get(side + '_p99_ms'))}"
+
     for r in rows:
-        lat = lambda side: (f"{_fmt(r.get(side + '_p50_ms'))}/{_fmt(r.get(side + '_p99_ms'))}"
-                            if r.get(side + "_p50_ms") is not None else "")
         cells = [r["name"], r.get("size", ""), _fmt(r["ours"]), _fmt(r["baseline"]), _fmt(r["ratio"]), r["unit"],
-                 lat("ours"), lat("baseline"), r["baseline_name"]]
+                 latency(r, "ours"), latency(r, "baseline"), r["baseline_name"]]
         lines.append("  ".join(f"{str(c):<{w}}" if w else str(c) for c, (_, w) in zip(cells, cols)))
     return "\n".join(lines)

@@ -71,10 +71,12 @@ def _probe(fn):
 def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0, delete_alias: bool = False) -> dict:
     import http.client
 
+    import mlflow
+
+    from pneumoray import registry
+
     from . import servers
     from .client import run_load
-
-    import mlflow
 
     version = servers.register_champion(work / "runs", "tiny")
     store = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
@@ -106,7 +108,7 @@ def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0
             victims = srv.replicas()
             state["replicas_before"] = len(victims)
             if delete_alias:  # a registry problem first: the replacement cannot resolve the alias
-                registry_client.delete_registered_model_alias("pneumonia-clip", "champion")
+                registry_client.delete_registered_model_alias(registry.CLIP_MODEL, "champion")
             state["killed_at"] = time.perf_counter()
             victims[0].send_signal(signal.SIGKILL)
             deadline = time.perf_counter() + 300
@@ -127,7 +129,7 @@ def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0
         t.join(timeout=320)
     finally:
         if delete_alias:
-            registry_client.set_registered_model_alias("pneumonia-clip", "champion", version)
+            registry_client.set_registered_model_alias(registry.CLIP_MODEL, "champion", version)
         srv.stop()
     killed = state.get("killed_at")
     after = sorted(r.end for r in result.records if r.ok and killed and r.end > killed)
@@ -316,7 +318,10 @@ def corrupt_files(work: Path, log=print, patients: int = 24) -> dict:
     a, _ = manifest.read(work / "clean.parquet")
     b, _ = manifest.read(work / "dirty.parquet")
     report = json.loads(manifest.report_path(work / "dirty.parquet").read_text())
-    key = lambda f, root: f.assign(rel=[str(Path(p).relative_to(root)) for p in f["path"]]).set_index("rel")
+
+    def key(f, root):
+        return f.assign(rel=[str(Path(p).relative_to(root)) for p in f["path"]]).set_index("rel")
+
     a, b = key(a, clean), key(b, dirty)
     cols = ["label", "class", "patient_id", "split", "official_split", "sha256"]
     missing = sorted(set(a.index) - set(b.index))
@@ -345,8 +350,8 @@ def main(argv=None) -> int:
     for r in chosen:
         if r not in RUNS:
             raise SystemExit(f"--only {r!r}: runs are {', '.join(RUNS)}")
-    runners = {"replica": replica, "alias_deleted": lambda work: replica(work, delete_alias=True), "train_worker": train_worker, "generation": generation,
-               "corrupt_files": corrupt_files}
+    runners = {"replica": replica, "alias_deleted": lambda work: replica(work, delete_alias=True),
+               "train_worker": train_worker, "generation": generation, "corrupt_files": corrupt_files}
     results = {}
     for name in chosen:
         work = Path(tempfile.mkdtemp(prefix=f"pneumoray-fault-{name}-"))

@@ -73,8 +73,8 @@ def run_ray(args) -> dict:
     rows, settings = _rows_and_settings(args)
     out = Path(args.out)
     t = time.perf_counter()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.actors * args.threads), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.actors * args.threads), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     init_s = time.perf_counter() - t
     start = time.time()
     made = generation.run(rows, out, {"uri": None, "version": None}, args.sd, settings, {"use_gpu": False})
@@ -141,12 +141,18 @@ def bench(size: str, quick: bool = False, log=print) -> list[dict]:
     same = len(set(digests.values())) == 1  # every side made byte-identical images: the same work
     base = median(r["rate"] for r in runs[("plain", 1)])
     base_cpu = median(r["images_per_cpu_s"] for r in runs[("plain", 1)])
-    per_cpu = lambda r: {"ours_images_per_cpu_s": r["images_per_cpu_s"], "baseline_images_per_cpu_s": base_cpu,
-                         "cpu_ratio": round(r["images_per_cpu_s"] / base_cpu, 3) if r["images_per_cpu_s"] and base_cpu else None}
+
+    def per_cpu(r):
+        ratio = round(r["images_per_cpu_s"] / base_cpu, 3) if r["images_per_cpu_s"] and base_cpu else None
+        return {"ours_images_per_cpu_s": r["images_per_cpu_s"], "baseline_images_per_cpu_s": base_cpu, "cpu_ratio": ratio}
+
     one, two = runs[("ray", 1)][0], runs[("ray", 2)][0]
     extra = {"size": size, "images": p["images"], "batch_size": p["batch_size"], "steps": p["steps"],
              "resolution": sizes.sd_resolution(size), "threads": threads, "identical_images": same}
-    fixed = lambda r: r["run_s"] - r["images"] / r["rate"] + r["init_s"] if r["rate"] else None
+
+    def fixed(r):
+        return r["run_s"] - r["images"] / r["rate"] + r["init_s"] if r["rate"] else None
+
     plain_fixed = median(r["run_s"] - r["images"] / r["rate"] for r in runs[("plain", 1)] if r["rate"])
     return [
         row("generate_images_per_s", one["rate"], base, "plain diffusers loop", "images/s", **extra,

@@ -8,8 +8,9 @@
   512) and a three-level VAE, at 128 px. Far smaller than SD 2's UNet (which a CPU cannot run in a
   benchmark's minutes), but every module kind of the real pipeline is there.
 
-Weights are random (seeded): speed and memory do not depend on them. Built once, cached under
-``$PNEUMORAY_CACHE/bench/`` with a save_pretrained layout, so everything loads them like a local model.
+Weights are random (seeded): speed and memory do not depend on them. Built once by the tiny models'
+own writers (``pneumoray.tiny_models``), cached under ``$PNEUMORAY_CACHE/bench/`` with a save_pretrained
+layout, so everything loads them like a local model.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
-from pneumoray import models
+from pneumoray import models, tiny_models
 
 SIZES = ("tiny", "vitb16")
 
@@ -48,7 +47,7 @@ def clip_ref(size: str) -> str:
     if size == "tiny":
         return models.TINY
     if size == "vitb16":
-        return str(_cached("clip-vitb16", VITB16_CLIP, _write_clip))
+        return str(_cached("clip-vitb16", VITB16_CLIP, tiny_models.write_clip))
     raise ValueError(f"unknown size {size!r}; sizes: {SIZES}")
 
 
@@ -56,75 +55,17 @@ def sd_ref(size: str) -> str:
     if size == "tiny":
         return models.TINY
     if size == "vitb16":
-        return str(_cached("sd-vitb16-text", VITB16_SD, _write_sd))
+        return str(_cached("sd-vitb16-text", VITB16_SD, tiny_models.write_sd))
     raise ValueError(f"unknown size {size!r}; sizes: {SIZES}")
 
 
 def sd_resolution(size: str) -> int:
-    return models.TINY_SD_SPEC["image_size"] if size == "tiny" else VITB16_SD["image_size"]
+    return tiny_models.TINY_SD_SPEC["image_size"] if size == "tiny" else VITB16_SD["image_size"]
 
 
 def _cached(name: str, spec: dict, write) -> Path:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-
-    def build(tmp: Path) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            write(tmp, spec)
-
-    # The library's build-into-temp-then-rename (and its lock): concurrent benchmark runs share one build.
-    return models.build_cached(models.cache_dir() / "bench" / f"{name}-{digest}", build, {"name": name, "spec": spec})
-
-
-def _tokenizer(folder: Path):
-    """The tiny profile's byte-level CLIP tokenizer (no download); ids stay below the model's vocab."""
-    from transformers import CLIPTokenizer
-
-    vocab = models.tiny_tokenizer_vocab()
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    tok.save_pretrained(str(folder))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return tok
-
-
-def _text_config(spec: dict, tok):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, **spec)
-
-
-def _write_clip(folder: Path, spec: dict) -> None:
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
-    try:
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor
-    tok = _tokenizer(folder)
-    size = spec["vision"]["image_size"]
-    config = CLIPConfig(text_config=_text_config(spec["text"], tok).to_dict(), vision_config=spec["vision"],
-                        projection_dim=spec["projection_dim"])
-    CLIPModel(config).eval().save_pretrained(str(folder), safe_serialization=True)
-    processor = Processor(do_resize=True, size={"shortest_edge": size}, do_center_crop=True,
-                          crop_size={"height": size, "width": size}, do_normalize=True,
-                          image_mean=list(models.CLIP_MEAN), image_std=list(models.CLIP_STD), do_convert_rgb=True)
-    CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(str(folder))
-
-
-def _write_sd(folder: Path, spec: dict) -> None:
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    size = spec["image_size"]
-    scale = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
-    (folder / "tokenizer").mkdir(parents=True)
-    tok = _tokenizer(folder / "tokenizer")
-    unet = UNet2DConditionModel(sample_size=size // scale, in_channels=4, out_channels=4, **spec["unet"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=size, **spec["vae"])
-    text = CLIPTextModel(_text_config(spec["text"], tok))
-    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok, unet=unet.eval(),
-                                   scheduler=DPMSolverMultistepScheduler(**models.TINY_SD_SPEC["scheduler"]),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    # The tiny models' own writers (seeded) and build-into-temp-then-rename with its lock: concurrent
+    # benchmark runs share one build.
+    return tiny_models.build_cached(tiny_models.cache_dir() / "bench" / f"{name}-{digest}", lambda tmp: write(tmp, spec),
+                                    {"name": name, "spec": spec})

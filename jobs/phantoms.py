@@ -6,7 +6,8 @@
 import argparse
 import time
 
-from pneumoray.phantoms import CLASSES, DEFAULT_PATIENTS, generate_phantoms
+from pneumoray.data.kermany import LABELS
+from pneumoray.phantoms import DEFAULT_PATIENTS, generate_phantoms
 
 
 def main(argv=None):
@@ -28,7 +29,7 @@ def main(argv=None):
           f"({summary['size']} px, seed {summary['seed']}) in {summary['out_dir']} [{elapsed:.1f} s]")
     for split in ("train", "test"):
         images, people = summary["counts"][split], summary["patients_per_split"][split]
-        cells = "  ".join(f"{c} {images[c]} ({people[c]} pat.)" for c in CLASSES)
+        cells = "  ".join(f"{c} {images[c]} ({people[c]} pat.)" for c in LABELS)
         print(f"  {split:<5}  {cells}")
     if summary["removed_stale"]:
         print(f"  removed {summary['removed_stale']} stale file(s) of an earlier run")

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from pneumoray import console, synthetic, tracking
+from pneumoray import console, synthetic_gate, tracking
 from pneumoray.cli import add_profile_args, profile_from, user_errors
 from pneumoray.data import manifest
 
@@ -44,7 +44,7 @@ def main(argv=None):
     print(f"training the {profile['name']} CLIP + LoRA: {splits.get('train', 0)} training and {splits.get('val', 0)} "
           f"validation images, classes {','.join(report['classes'])}, {profile['train']['epochs']} epochs", flush=True)
     with console.EpochLines(int(profile["train"]["epochs"]), experiment, out=lambda line: print(line, flush=True)):
-        summary = synthetic.fit(profile, frame, report, args.run_name or f"clip-{profile['name']}",
+        summary = synthetic_gate.fit(profile, frame, report, args.run_name or f"clip-{profile['name']}",
                                 register=not args.no_register)
     print(_summary_lines(summary, args, time.time() - started), flush=True)
     if args.json:

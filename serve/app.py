@@ -224,7 +224,7 @@ class PneumoniaClassifier:
         self._authorize(request)
         return {**self.holder.current.describe(), "source": self.holder.uri, "follows_alias": self.holder.follows_alias,
                 "poll_s": self.holder.poll_s, "swaps": self.holder.swaps, **self.holder.state(),
-                "replica": self.replica, "stats": dict(self.stats),
+                "replica": self.replica, "stats": {**self.stats, "in_flight": self._active},
                 "limits": {"max_body_mb": self.settings["max_body_mb"], "max_pixels": self.max_pixels,
                            "max_request_pixels": self.max_request_pixels, "max_batch_files": self.max_files,
                            "body_timeout_s": self.settings["body_timeout_s"]}}
@@ -270,7 +270,8 @@ class PneumoniaClassifier:
         body = await self._body(request)
         files = serving.files_from(serving.parse_multipart(body, content_type, self.max_files + 1), single=False)
         if len(files) > self.max_files:
-            raise ClientError(413, f"{len(files)} images in one request: send at most {self.max_files} per request (split the batch)")
+            raise ClientError(413, f"{len(files)} images in one request: send at most {self.max_files} per request "
+                                   "(split the batch)")
 
         def named(i, f, e: ClientError) -> ClientError:  # all or nothing, naming the first bad file
             return ClientError(e.status, f"file {i + 1} of {len(files)} ({f.filename or 'no filename'}): {e.message}")

@@ -14,11 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from bench import __main__ as bench_main
-from conftest import REPO
 from bench import faults
-from bench.client import Req, percentile, run_load, summarize, Record
+from bench.client import Record, Req, percentile, run_load, summarize
 from bench.common import PeakMemory, format_table, machine, row, validate, write_results
 
 

@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import REPO, jpeg_declaring
 from PIL import Image
 
-from conftest import REPO, jpeg_declaring
 from pneumoray.data import images, kermany, manifest
 from pneumoray.data.labels import LabelSetError, parse_classes
 
@@ -211,7 +210,8 @@ def test_prepare_skips_broken_files_with_reasons(messy_folder, tmp_path):
 
 
 def test_prepare_bad_folder_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jobs.prepare", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m.parquet")],
+    command = [sys.executable, "-m", "jobs.prepare", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m.parquet")]
+    proc = subprocess.run(command,
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -244,7 +244,8 @@ def test_preprocessing_modes_and_aspect(messy_folder):
     rgba = images.to_rgb(Image.open(messy_folder / "train/PNEUMONIA/person5_virus_7.png"))
     assert rgba.mode == "RGB" and rgba.getpixel((5, 2)) == (0, 0, 0) and rgba.getpixel((5, 30)) == (180, 180, 180)
     # letterbox keeps the aspect ratio: a 4000 x 2624 original gets black bars top and bottom
-    big = images.letterbox(images.to_rgb(images.decode((messy_folder / "train/PNEUMONIA/person23_bacteria_106.jpeg").read_bytes())), 64)
+    original = (messy_folder / "train/PNEUMONIA/person23_bacteria_106.jpeg").read_bytes()
+    big = images.letterbox(images.to_rgb(images.decode(original)), 64)
     arr = np.asarray(big)
     assert arr.shape == (64, 64, 3) and arr[:5].max() == 0 and arr[-5:].max() == 0 and arr[20:44].mean() > 20
     # normalisation is the model's own: a white pixel maps to (1 - mean) / std
@@ -390,8 +391,8 @@ def test_a_deflated_dicom_that_inflates_past_the_limit_is_refused_before_pydicom
                   HighBit=11, PixelRepresentation=0)
     bomb = _dicom_file(tiny, DeflatedExplicitVRLittleEndian, **common)
     # a private OB element of 64 MB of zeros inflates from about 64 kB
-    from pydicom.dataset import Dataset
     import pydicom
+    from pydicom.dataset import Dataset
     ds = pydicom.dcmread(io.BytesIO(bomb))
     ds.private_block(0x0009, "BOMB", create=True).add_new(0x10, "OB", b"\0" * 64_000_000)
     buf = io.BytesIO()

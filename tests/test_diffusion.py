@@ -6,6 +6,7 @@ happens again, and if a saved adapter does not load back into a fresh pipeline e
 
 import glob
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from pneumoray import diffusion as d
 from pneumoray import phantoms
+from pneumoray.data import kermany
 from pneumoray.models import load_sd_pipeline
 
 SIZE = 64
@@ -64,7 +66,7 @@ def batch(tmp_path_factory):
     assert len(files) == 4
     assert Image.open(files[0]).mode == "L"
     pixels = torch.stack([d.to_sd_pixels(f, SIZE) for f in files])
-    prompts = [d.prompt_for(phantoms.parse_name(f)[0]) for f in files]
+    prompts = [d.prompt_for(kermany.parse_name(Path(f).stem)[0]) for f in files]
     return pixels, prompts
 
 

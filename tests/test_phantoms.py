@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pneumoray import phantoms as P
+from pneumoray.data.kermany import LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 NORMAL_RE = re.compile(r"^IM-(\d{4})-(\d{4})\.jpeg$")
@@ -82,7 +83,7 @@ def test_layout_and_names(dataset):
     rows = images(out)
     # Normal: IM-PPPP-000K with K = 1..k per patient.
     per_normal = defaultdict(list)
-    for split, cls, key, k, _ in rows:
+    for _split, cls, key, k, _ in rows:
         if cls == "normal":
             per_normal[key].append(k)
     assert per_normal
@@ -115,7 +116,7 @@ def test_summary_matches_files(dataset):
     out, summary = dataset
     counts = Counter((split, cls) for split, cls, _, _, _ in images(out))
     for split in ("train", "test"):
-        for cls in P.CLASSES:
+        for cls in LABELS:
             assert summary["counts"][split][cls] == counts[(split, cls)] > 0
     assert summary["images"] == sum(counts.values())
     assert summary["patients"] == PATIENTS
@@ -158,7 +159,7 @@ def test_class_ratio_follows_kermany():
     for patients in (12, 100, P.DEFAULT_PATIENTS, 1000):
         counts = P.class_counts(patients)
         assert sum(counts.values()) == patients
-        for cls in P.CLASSES:
+        for cls in LABELS:
             assert abs(counts[cls] - patients * P.KERMANY_COUNTS[cls] / total) <= 1
 
     plans = P.plan_patients(P.DEFAULT_PATIENTS, seed=0)
@@ -167,7 +168,7 @@ def test_class_ratio_follows_kermany():
         n_images[p.cls] += len(p.files)
     all_images = sum(n_images.values())
     assert 1000 <= all_images <= 1300  # the default: enough to learn (issue 3), small enough for a quick demo
-    for cls in P.CLASSES:
+    for cls in LABELS:
         assert abs(n_images[cls] / all_images - P.KERMANY_COUNTS[cls] / total) < 0.05, n_images
         members = [p for p in plans if p.cls == cls]
         test_share = sum(p.split == "test" for p in members) / len(members)
@@ -193,7 +194,8 @@ def lung_features(path):
     n = img.shape[0]
 
     def box(x0, x1, y0, y1):
-        c = lambda v: int(round((v + 1) / 2 * n))
+        def c(v):
+            return int(round((v + 1) / 2 * n))
         return img[c(y0):c(y1), c(x0):c(x1)].mean()
 
     # upper and middle lung zones, clear of the heart and the diaphragm
@@ -228,7 +230,9 @@ def test_virus_pattern_is_diffuse_not_a_dense_block():
     # nearly as dense as soft tissue. Compare the densest lung zone to the clearest one.
     def zones(img):
         n = img.shape[0]
-        c = lambda v: int(round((v + 1) / 2 * n))
+
+        def c(v):
+            return int(round((v + 1) / 2 * n))
         out = []
         for x0, x1 in ((-0.55, -0.2), (0.2, 0.55)):
             for y0 in (-0.45, -0.25, -0.05):
@@ -236,7 +240,7 @@ def test_virus_pattern_is_diffuse_not_a_dense_block():
         return np.array(out)
 
     spread = {}
-    for k, cls in enumerate(P.CLASSES):
+    for k, cls in enumerate(LABELS):
         spreads = [np.ptp(zones(P.render_patient(cls, 5, 500 + 40 * k + i, 96)[0])) for i in range(12)]
         spread[cls] = np.mean(spreads)
     assert spread["bacteria"] > 1.3 * spread["virus"]

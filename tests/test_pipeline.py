@@ -3,23 +3,18 @@ Ray Data, MLflow on SQLite, Ray Serve on 127.0.0.1 answering a real HTTP request
 that reuses every finished stage, then --fresh that redoes them all beside the first attempt."""
 
 import json
-import socket
+import math
 
 import mlflow
 import pytest
 
 from jobs import pipeline
 from pneumoray.profiles import load_profile
+from pneumoray.stack import free_port
 
 SMALL = ["--set", "data.phantoms.patients=48", "--set", "data.phantoms.size=96", "--set", "train.epochs=2",
          "--set", "diffusion.epochs=1", "--set", "pipeline.synthetic_counts=normal=8,virus=8",
          "--set", "diffusion.domain_pretrain.vae_steps=20", "--set", "diffusion.domain_pretrain.unet_steps=40"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +23,7 @@ def run(ray_local, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("PNEUMORAY_RUNS", str(out))
-        argv = ["--out", str(out), "--no-tune", "--serve-port", str(_free_port()), *SMALL]
+        argv = ["--out", str(out), "--no-tune", "--serve-port", str(free_port()), *SMALL]
         summary = pipeline.main(argv)
         yield out, summary, argv
 
@@ -45,8 +40,11 @@ def test_summary_has_every_stage_and_both_test_results(run):
     assert summary["counts"]["source"]["synthetic"] == 16 and summary["synthetic"]["count"] == {"normal": 8, "virus": 8}
     for label in ("normal", "virus"):
         q = summary["synthetic"]["quality"][label]
-        assert q["fd"] >= 0 and q["fd_base"] >= 0
-        assert 0 <= q["label_fidelity"] <= 1 and 0 <= q["label_fidelity_base"] <= 1
+        # two different finite samples are a positive distance apart, and the adapter moved the output
+        assert math.isfinite(q["fd"]) and q["fd"] > 0 and q["fd_base"] > 0 and q["fd"] != q["fd_base"]
+        # fidelity is a share of the 8 images the judge classed as their prompt's label
+        for key in ("label_fidelity", "label_fidelity_base"):
+            assert q[key] * 8 == pytest.approx(round(q[key] * 8)) and 0 <= q[key] <= 1
     # label fidelity is judged by the run trained on real images only, and can be recomputed from it
     from pneumoray import quality
     judge = summary["synthetic"]["quality"]["virus"]["judge"]
@@ -56,8 +54,11 @@ def test_summary_has_every_stage_and_both_test_results(run):
         c: summary["synthetic"]["quality"][c]["label_fidelity"] for c in ("normal", "virus")}
     for key in ("with_synthetic", "without_synthetic", "zero_shot"):
         block = summary["test"][key]
-        assert 0 <= block["accuracy"] <= 1 and 0 <= block["macro_f1"] <= 1
         assert set(block["recall"]) == {"normal", "bacteria", "virus"}
+        # accuracy is the test split's per-class recalls weighted by its class counts
+        n = {c: summary["counts"]["split_class"][f"test/{c}"] for c in block["recall"]}
+        assert block["accuracy"] == pytest.approx(sum(block["recall"][c] * n[c] for c in n) / sum(n.values()))
+        assert 0 < block["macro_f1"] <= 1
     assert summary["best_hyperparameters"] is None  # --no-tune
 
 

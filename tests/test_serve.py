@@ -25,12 +25,13 @@ import psutil
 import pytest
 import requests
 import yaml
+from conftest import KERMANY_SAMPLE, REPO, jpeg_declaring
 from PIL import Image
 
-from conftest import KERMANY_SAMPLE, REPO, jpeg_declaring
 from pneumoray import classifier, models, ood, registry, serving, tracking
-from pneumoray.pyfunc import ClipLoraClassifier
 from pneumoray.profiles import load_profile
+from pneumoray.pyfunc import ClipLoraClassifier
+from pneumoray.stack import free_port
 
 TOKEN = "serve-test-token-6f1c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -145,13 +146,10 @@ def register_tiny(classes: list[str], score: float, seed: int, workdir: Path) ->
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve-runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PNEUMORAY_RUNS", str(path))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        tracking.setup_mlflow()
-        yield path
+def runs(runs):
+    """The module's run folder (conftest), with MLflow pointed at it before anything registers."""
+    tracking.setup_mlflow()
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +160,6 @@ def champion(runs, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the service
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Service:
     def __init__(self, proc, url, log_path):
@@ -270,28 +262,34 @@ def test_good_images_are_classified_by_the_registered_model(service, good, champ
     assert len({tuple(np.round(list(p.values()), 6)) for p in answers.values()}) == len(good)  # inputs differ, so do answers
 
 
+
+def raw(data: bytes, content_type: str) -> dict:
+    """A raw request body with its Content-Type."""
+    return {"data": data, "headers": {"Content-Type": content_type}}
+
+
 MALFORMED = [
     # name, request, status, words the error must hold
-    ("empty body", dict(data=b"", headers={"Content-Type": "image/jpeg"}), 400, "empty"),
+    ("empty body", raw(b"", "image/jpeg"), 400, "empty"),
     ("truncated JPEG", "truncated", 422, "truncated"),
     ("JPEG header only", "header_only", 422, "corrupt JPEG"),
-    ("text as image", dict(data=b"just some text, not an X-ray", headers={"Content-Type": "image/png"}), 415, "not a JPEG, PNG or DICOM"),
-    ("zero-size PNG", dict(data=png_declaring(0, 0), headers={"Content-Type": "image/png"}), 422, "corrupt PNG"),
-    ("PNG declaring 100000 x 100000", dict(data=png_declaring(100_000, 100_000), headers={"Content-Type": "image/png"}), 413, "megapixel limit"),
-    ("PNG over the pixel limit", dict(data=png_declaring(1100, 1000, b"\0" * 1101 * 1000), headers={"Content-Type": "image/png"}), 413, "1.1 megapixels"),
-    ("oversized body", dict(data=b"\xff\xd8\xff" + b"\0" * (2 << 20), headers={"Content-Type": "image/jpeg"}), 413, "over the 1.0 MB limit"),
+    ("text as image", raw(b"just some text, not an X-ray", "image/png"), 415, "not a JPEG, PNG or DICOM"),
+    ("zero-size PNG", raw(png_declaring(0, 0), "image/png"), 422, "corrupt PNG"),
+    ("PNG declaring 100000 x 100000", raw(png_declaring(100_000, 100_000), "image/png"), 413, "megapixel limit"),
+    ("PNG over the pixel limit", raw(png_declaring(1100, 1000, b"\0" * 1101 * 1000), "image/png"), 413, "1.1 megapixels"),
+    ("oversized body", raw(b"\xff\xd8\xff" + b"\0" * (2 << 20), "image/jpeg"), 413, "over the 1.0 MB limit"),
     ("oversized chunked body", "chunked", 413, "over the 1.0 MB limit"),
-    ("wrong content type", dict(data=b"{}", headers={"Content-Type": "application/json"}), 415, "Content-Type application/json"),
+    ("wrong content type", raw(b"{}", "application/json"), 415, "Content-Type application/json"),
     ("curl --data-binary default", "form_urlencoded", 415, "-H 'Content-Type: image/jpeg'"),
     ("missing field", "wrong_field", 400, "no form field 'file' (got fields: 'image')"),
     ("empty file field", multipart(data=b""), 400, "empty"),
     ("two files", "two_files", 400, "/v1/classify/batch"),
-    ("multipart without boundary", dict(data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}), 400, "boundary"),
+    ("multipart without boundary", raw(b"--x\r\n", "multipart/form-data"), 400, "boundary"),
     ("multipart cut off", "cut_multipart", 400, "incomplete multipart"),
-    ("GIF", dict(data=encode(Image.new("L", (8, 8)), "GIF"), headers={"Content-Type": "image/gif"}), 415, "GIF"),
-    ("corrupt DICOM", dict(data=b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage", headers={"Content-Type": "application/dicom"}), 422, "DICOM"),
-    ("truncated DICOM", dict(data=dicom_bytes(cut=1000), headers={"Content-Type": "application/dicom"}), 422, "corrupt or unsupported DICOM"),
-    ("DICOM declaring 5000 x 5000", dict(data=dicom_bytes(declared=(5000, 5000)), headers={"Content-Type": "application/dicom"}), 413, "25.0 megapixels"),
+    ("GIF", raw(encode(Image.new("L", (8, 8)), "GIF"), "image/gif"), 415, "GIF"),
+    ("corrupt DICOM", raw(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage", "application/dicom"), 422, "DICOM"),
+    ("truncated DICOM", raw(dicom_bytes(cut=1000), "application/dicom"), 422, "corrupt or unsupported DICOM"),
+    ("DICOM declaring 5000 x 5000", raw(dicom_bytes(declared=(5000, 5000)), "application/dicom"), 413, "25.0 megapixels"),
     ("50 files to the one-image route", "fifty_files", 413, "which takes one image"),
     ("a 10,000-character file name", "long_name", 400, "headers are too long"),
     ("JPEG declaring 1000 x 1000 over 24 x 24 of data", "lying_header", 422, "truncated JPEG"),
@@ -301,13 +299,13 @@ MALFORMED = [
 def _request(case, good):
     jpeg = good["noise.jpeg"]
     if case == "truncated":
-        return dict(data=jpeg[: len(jpeg) // 2], headers={"Content-Type": "image/jpeg"})
+        return raw(jpeg[: len(jpeg) // 2], "image/jpeg")
     if case == "header_only":
-        return dict(data=jpeg[:20], headers={"Content-Type": "image/jpeg"})
+        return raw(jpeg[:20], "image/jpeg")
     if case == "chunked":  # no Content-Length: the limit holds while streaming
-        return dict(data=(b"\xff\xd8\xff" + b"\0" * (400 << 10) for _ in range(4)), headers={"Content-Type": "image/jpeg"})
+        return raw((b"\xff\xd8\xff" + b"\0" * (400 << 10) for _ in range(4)), "image/jpeg")
     if case == "form_urlencoded":
-        return dict(data=jpeg, headers={"Content-Type": "application/x-www-form-urlencoded"})
+        return raw(jpeg, "application/x-www-form-urlencoded")
     if case == "wrong_field":
         return multipart(name="image", data=jpeg)
     if case == "two_files":
@@ -317,10 +315,10 @@ def _request(case, good):
     if case == "long_name":
         return {"files": [("file", ("x" * 10_000 + ".jpeg", jpeg))]}
     if case == "lying_header":
-        return dict(data=jpeg_declaring(noise(24, 24), 1000, 1000), headers={"Content-Type": "image/jpeg"})
+        return raw(jpeg_declaring(noise(24, 24), 1000, 1000), "image/jpeg")
     if case == "cut_multipart":
         body = b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n\r\n' + jpeg[:200]
-        return dict(data=body, headers={"Content-Type": "multipart/form-data; boundary=bnd"})
+        return raw(body, "multipart/form-data; boundary=bnd")
     return case
 
 
@@ -387,7 +385,7 @@ def test_a_lone_request_waits_for_no_batch_and_one_request_cannot_claim_unbounde
 
 
 def test_bearer_token_is_required_when_set(service, good):
-    image = dict(data=good["noise.jpeg"], headers={"Content-Type": "image/jpeg"})
+    image = raw(good["noise.jpeg"], "image/jpeg")
     missing = service.post("/v1/classify", auth=False, **image)
     assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]
     assert missing.headers["www-authenticate"] == "Bearer"
@@ -537,7 +535,8 @@ def test_replicas_are_cpu_or_gpu_by_profile():
     tiny = serving.deployment_options(serving.serve_profile(load_profile("tiny")))
     gpu = serving.deployment_options(serving.serve_profile(load_profile("rtx3090")))
     assert tiny["ray_actor_options"]["num_gpus"] == 0 and gpu["ray_actor_options"]["num_gpus"] == 1
-    forced = serving.deployment_options(serving.serve_profile(load_profile("tiny"), ["hardware.use_gpu=true", "serve.max_replicas=4"]))
+    gpu = ["hardware.use_gpu=true", "serve.max_replicas=4"]
+    forced = serving.deployment_options(serving.serve_profile(load_profile("tiny"), gpu))
     assert forced["ray_actor_options"]["num_gpus"] == 1 and forced["autoscaling_config"]["max_replicas"] == 4
     settings = serving.replica_settings(serving.serve_profile(load_profile("tiny")), "sqlite:///x.db", token="secret")
     assert TOKEN not in repr(settings) and "secret" not in repr(settings)  # only the token's digest travels
@@ -685,7 +684,8 @@ def test_a_client_that_hangs_up_mid_upload_is_logged_as_an_abort_not_an_error(se
     before = service.log_path.read_text(errors="replace")
     aborted_before = service.model()["stats"]["aborted"]
     sock = _slow_upload(service.url)
-    time.sleep(0.5)
+    # hang up once the replica holds the request (before that, Serve's proxy alone sees the close)
+    _wait(lambda: service.model()["stats"]["in_flight"] >= 1, 30, "the upload to reach the replica", service)
     sock.close()
     _wait(lambda: service.model()["stats"]["aborted"] > aborted_before, 30, "the abort to be counted", service)
     time.sleep(1)

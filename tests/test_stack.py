@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import REPO
+
 from pneumoray import mlflow_auth, stack
 from pneumoray.phantoms import generate_phantoms
 
@@ -123,7 +123,7 @@ def test_runtime_env_ships_the_library():
     env = yaml.safe_load(RUNTIME_ENV.read_text())
     assert env["py_modules"] == ["platform/pneumoray"]
     assert (REPO / "platform" / "pneumoray" / "__init__.py").is_file()
-    assert {"/runs", "/.venv", "/platform"} <= set(env["excludes"])
+    assert {"/runs", "/.venv", "/platform", "/stack.py"} <= set(env["excludes"])
     # The cluster's own environment says where MLflow is; a file pinned to one server would be wrong elsewhere.
     assert not {"MLFLOW_TRACKING_URI", "PNEUMORAY_RUNS", "RAY_AUTH_MODE"} & set(env.get("env_vars", {}))
 
@@ -233,7 +233,8 @@ def test_job_submit_trains_into_the_stacks_mlflow(running, tmp_path_factory, mon
     generate_phantoms(data / "phantoms", patients=24, seed=11, size=96)
     manifest, summary_file = data / "manifest.parquet", data / "train.json"
     steps = [
-        ["python", "-c", "import pneumoray; print('PNEUMORAY_FROM', pneumoray.__file__)"],
+        ["python", "-c", "import pathlib, pneumoray; print('PNEUMORAY_FROM', pneumoray.__file__); "
+                         "print('STACK_SHIPPED', (pathlib.Path(pneumoray.__file__).parent / 'stack.py').exists())"],
         ["python", "-m", "jobs.prepare", "--data", str(data / "phantoms"), "--out", str(manifest)],
         ["python", "-m", "jobs.train", "--profile", "tiny", "--data", str(manifest), "--set", "train.epochs=1",
          "--run-name", "stack-test", "--out", str(summary_file)],
@@ -257,6 +258,7 @@ def test_job_submit_trains_into_the_stacks_mlflow(running, tmp_path_factory, mon
     assert where, proc.stdout[-3000:]
     assert "/runtime_resources/py_modules_files/" in where.group(1)
     assert not where.group(1).startswith(str(REPO))
+    assert "STACK_SHIPPED False" in proc.stdout  # the supervisor stays home (runtime_env.yaml excludes)
 
     # The run and the registered model are in the stack's MLflow server, the artifacts in its store.
     summary = json.loads(summary_file.read_text())

@@ -18,13 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, phantom_manifest_in
 
-from conftest import REPO
 from jobs import finetune_diffusion as finetune_job
 from jobs import generate as generate_job
-from pneumoray import diffusion, diffusion_training, generation, models
+from pneumoray import diffusion, generation, models, registry
 from pneumoray.data import manifest
-from pneumoray.phantoms import generate_phantoms
 from pneumoray.profiles import load_profile
 
 ADAPTER = "models:/pneumonia-sd-lora/latest"
@@ -32,19 +31,8 @@ PLAN = ["--counts", "normal=12,virus=8", "--set", "generate.batch_size=2"]  # 10
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PNEUMORAY_RUNS", str(path))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield path
-
-
-@pytest.fixture(scope="module")
 def real_manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    generate_phantoms(root / "data", patients=48, seed=3, size=96)
-    return manifest.write(*manifest.build(root / "data"), root / "manifest.parquet")
+    return phantom_manifest_in(tmp_path_factory.mktemp("phantoms"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +74,7 @@ def test_finetune_is_tracked_and_registered(finetuned):
     assert [{t.key: t.value for t in d.tags}["mlflow.data.context"] for d in run.inputs.dataset_inputs] == ["training"]
     for name in ("train_loss", "val_loss"):
         assert [m.step for m in client.get_metric_history(summary["run_id"], name)] == [0, 1], name
-    version = client.get_model_version(diffusion_training.SD_MODEL, summary["version"])
+    version = client.get_model_version(registry.SD_MODEL, summary["version"])
     assert version.run_id == summary["run_id"]
     # what a person looks at on the run page: a grid of samples per epoch and the loss curve
     artifacts = {f.path for folder in ("samples", "curves") for f in client.list_artifacts(summary["run_id"], folder)}
@@ -156,7 +144,7 @@ def test_quality_is_measured_per_class_and_logged(generated):
     assert set(summary["quality"]) == {"normal", "virus"}
     for label, m in summary["quality"].items():
         assert m["n_synthetic"] == summary["counts"][label]
-        assert np.isfinite(m["fd"]) and m["fd"] >= 0 and np.isfinite(m["kid"])
+        assert np.isfinite(m["fd"]) and m["fd"] > 0 and np.isfinite(m["kid"])
     run = mlflow.search_runs(filter_string="tags.mlflow.runName = 'generate-" + Path(summary["out"]).name + "'",
                              output_format="list")[0]
     assert run.data.metrics["fd_normal"] == pytest.approx(summary["quality"]["normal"]["fd"])
@@ -172,8 +160,8 @@ def test_the_same_plan_through_the_base_is_measured_beside_and_shown(generated, 
     assert len(base) == len(ours) == 20 and set(base["adapter"]) == {"none"}
     assert list(base["seed"]) == list(ours["seed"]) and list(base["prompt"]) == list(ours["prompt"])
     assert set(base["sha256"]).isdisjoint(ours["sha256"])  # the adapter changed every image
-    for label, m in summary["quality"].items():
-        assert np.isfinite(m["fd_base"]) and m["fd_base"] >= 0 and np.isfinite(m["kid_base"])
+    for m in summary["quality"].values():
+        assert np.isfinite(m["fd_base"]) and m["fd_base"] > 0 and np.isfinite(m["kid_base"])
     run = mlflow.search_runs(filter_string="tags.mlflow.runName = 'generate-" + Path(summary["out"]).name + "'",
                              output_format="list")[0]
     assert run.data.metrics["fd_base_virus"] == pytest.approx(summary["quality"]["virus"]["fd_base"])
@@ -273,22 +261,22 @@ def test_bad_counts_and_missing_adapter_are_clear_errors(runs, real_manifest, tm
     (0.880, -0.01, False),
 ])
 def test_if_not_worse_admits_only_a_gain_of_at_least_the_margin(with_, margin, admitted):
-    from pneumoray import synthetic
+    from pneumoray import synthetic_gate
 
-    got, rule = synthetic.choose("if_not_worse", {"val_macro_f1": 0.900}, {"val_macro_f1": with_}, margin)
+    got, rule = synthetic_gate.choose("if_not_worse", {"val_macro_f1": 0.900}, {"val_macro_f1": with_}, margin)
     assert got is admitted
     assert f"{with_:.4f}" in rule and "0.9000" in rule and f"{margin:+.3f}" in rule and (">=" in rule) is admitted
 
 
 def test_the_decision_records_its_rule_and_the_profile_sets_the_margin():
-    from pneumoray import synthetic
+    from pneumoray import synthetic_gate
 
-    decision = synthetic.decide("if_not_worse", 8, {"val_macro_f1": 0.9, "model_uri": "a", "run_id": "1"},
+    decision = synthetic_gate.decide("if_not_worse", 8, {"val_macro_f1": 0.9, "model_uri": "a", "run_id": "1"},
                                 {"val_macro_f1": 0.905, "model_uri": "b", "run_id": "2"}, register=False, margin=0.01)
     assert decision["model_uri"] == "a" and decision["synthetic"]["admitted"] is False
     assert decision["synthetic"]["margin"] == 0.01 and "margin +0.010" in decision["synthetic"]["rule"]
-    assert synthetic.choose("always", {"val_macro_f1": 1}, {"val_macro_f1": 0})[0] is True
-    assert synthetic.choose("never", {"val_macro_f1": 0}, {"val_macro_f1": 1})[0] is False
+    assert synthetic_gate.choose("always", {"val_macro_f1": 1}, {"val_macro_f1": 0})[0] is True
+    assert synthetic_gate.choose("never", {"val_macro_f1": 0}, {"val_macro_f1": 1})[0] is False
     with pytest.raises(ValueError, match="train.synthetic"):
-        synthetic.choose("sometimes", {}, {})
-    assert load_profile("tiny")["train"]["synthetic_margin"] == synthetic.DEFAULT_MARGIN
+        synthetic_gate.choose("sometimes", {}, {})
+    assert load_profile("tiny")["train"]["synthetic_margin"] == synthetic_gate.DEFAULT_MARGIN

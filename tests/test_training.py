@@ -13,29 +13,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-
 from conftest import REPO
+
 from pneumoray import registry, training
 from pneumoray.data import manifest
 from pneumoray.phantoms import generate_phantoms
 from pneumoray.profiles import load_profile
-
-
-@pytest.fixture(scope="module")
-def phantom_manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    generate_phantoms(root / "data", patients=48, seed=7, size=96)
-    return manifest.write(*manifest.build(root / "data"), root / "manifest.parquet")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A private run folder (SQLite MLflow store, Ray results) for this module."""
-    path = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PNEUMORAY_RUNS", str(path))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield path
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +111,19 @@ def test_the_in_distribution_check_passes_held_out_x_rays_and_flags_foreign_imag
     assert document["ood_score"] > inside["ood_score"].max()
 
 
+@pytest.mark.slow
 def test_train_cli_prints_a_line_per_epoch_and_a_summary_and_nothing_of_rays(phantom_manifest, tmp_path):
     env = {**os.environ, "PNEUMORAY_RUNS": str(tmp_path / "runs")}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "jobs.train", "--profile", "tiny", "--data", str(phantom_manifest),
-                           "--set", "train.epochs=4", "--set", "train.domain_pretrain=null", "--run-name", "console"],
+                           "--set", "train.epochs=2", "--set", "train.domain_pretrain=null", "--run-name", "console"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert len(lines) <= 30, "\n".join(lines)
     epochs = [line for line in lines if line.startswith("[console] epoch")]
-    assert [line.split(":")[0] for line in epochs] == [f"[console] epoch {k}/4" for k in range(1, 5)]
+    assert [line.split(":")[0] for line in epochs] == [f"[console] epoch {k}/2" for k in range(1, 3)]
     # the first epoch's time holds the start-up, so the estimate of what is left starts at the second
     assert all("elapsed" in line for line in epochs) and all("left" in line for line in epochs[1:])
     text = "\n".join(lines)
@@ -271,18 +255,20 @@ def test_promotion_and_demotion(trained):
     # the dethroned champion keeps an alias and its tag tells the truth
     assert client.get_model_version_by_alias(name, "previous-champion").version == versions[0]
     tags = {v: client.get_model_version(name, v).tags["promotion"] for v in versions}
-    assert tags[versions[0]].startswith(f"previous-champion: champion until") and f"version {versions[3]}" in tags[versions[0]]
+    assert tags[versions[0]].startswith("previous-champion: champion until") and f"version {versions[3]}" in tags[versions[0]]
     assert tags[versions[3]].startswith("champion since") and "0.7000 vs champion 0.5000" in tags[versions[3]]
     assert [v for v, t in tags.items() if t.startswith("champion")] == [versions[3]]
     result = registry.rollback(name, None, "worse on the ward's films")
     assert result["champion"] == str(versions[0]) and result["previous_champion"] == str(versions[3])
     assert client.get_model_version_by_alias(name, "champion").version == versions[0]
     assert client.get_model_version_by_alias(name, "previous-champion").version == versions[3]
-    assert "rollback from version %s: worse on the ward's films" % versions[3] in client.get_model_version(name, versions[0]).tags["promotion"]
+    promotion = client.get_model_version(name, versions[0]).tags["promotion"]
+    assert f"rollback from version {versions[3]}: worse on the ward's films" in promotion
     with pytest.raises(ValueError, match="champion already"):
         registry.rollback(name, versions[0], "again")
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_last_checkpoint(runs, phantom_manifest, tmp_path):
     """A real SIGKILL of the Ray Train worker mid-run; FailureConfig restarts it from the checkpoint."""
     cmd = [sys.executable, "-m", "jobs.train", "--profile", "tiny", "--data", str(phantom_manifest),

@@ -19,11 +19,10 @@ import time
 
 import mlflow
 import pytest
-
 from conftest import REPO
+
 from pneumoray import registry, search
 from pneumoray.data import manifest
-from pneumoray.phantoms import generate_phantoms
 from pneumoray.profiles import ProfileError, load_profile
 
 CLASSES = "normal,virus"
@@ -42,23 +41,6 @@ def _points(*points):
 # for its 3 epochs (tests/test_models.py and test_training cover the pretraining).
 COMMON = ["train.warmup_epochs=0", f"tune.epochs={EPOCHS}", "tune.space.lr={loguniform: [1.0e-7, 1.0e-2]}",
           "train.domain_pretrain=null"]
-
-
-@pytest.fixture(scope="module")
-def phantom_manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    generate_phantoms(root / "data", patients=48, seed=7, size=96)
-    return manifest.write(*manifest.build(root / "data"), root / "manifest.parquet")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A private run folder (SQLite MLflow store, Tune and Train results) for this module."""
-    path = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PNEUMORAY_RUNS", str(path))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield path
 
 
 @pytest.fixture(scope="module")

@@ -3,5 +3,3 @@
 The library behind the thin entry points in jobs/, tune/ and serve/: data, phantoms, models,
 training loops, generation, metrics and the model registry.
 """
-
-CLASSES = ("normal", "bacteria", "virus")

@@ -50,12 +50,12 @@ class PromptBank:
     n_templates: int
 
     @classmethod
-    def build(cls, tokenizer, prompts: list[list[str]]) -> "PromptBank":
+    def build(cls, tokenizer, prompts: list[list[str]]) -> PromptBank:
         flat = [p for per_class in prompts for p in per_class]
         tok = tokenizer(flat, padding=True, return_tensors="pt")
         return cls(tok["input_ids"], tok["attention_mask"], len(prompts), len(prompts[0]))
 
-    def to(self, device) -> "PromptBank":
+    def to(self, device) -> PromptBank:
         return PromptBank(self.input_ids.to(device), self.attention_mask.to(device), self.n_classes, self.n_templates)
 
 

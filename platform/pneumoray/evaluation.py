@@ -54,8 +54,9 @@ def load_model_splits(clf, data, label_set) -> tuple[pd.DataFrame, dict]:
     frame, report = manifest.load(data, classes=label_set)
     differ = {k: (report.get(k), v) for k, v in recorded.items() if report.get(k) is not None and report.get(k) != v}
     if differ:
+        settings = ", ".join(f"{k}: {a} here, {b} in training" for k, (a, b) in differ.items())
         raise manifest.DataError(
-            f"{data} was split with other settings than the model was trained with ({', '.join(f'{k}: {a} here, {b} in training' for k, (a, b) in differ.items())}): "
+            f"{data} was split with other settings than the model was trained with ({settings}): "
             "its validation split may hold training images; rebuild it with jobs.prepare and the training profile")
     return frame, report
 

@@ -2,7 +2,7 @@
 
 A model reference (``ref``) is one of:
 
-* ``"tiny"``: a small CLIP or Stable Diffusion model that this module builds from configs, with
+* ``"tiny"``: a small CLIP or Stable Diffusion model that ``tiny_models`` builds from configs, with
   no download. Built deterministically (fixed seed) and cached on disk under
   ``$PNEUMORAY_CACHE/models`` (default ``~/.cache/pneumoray/models``), so it loads with
   ``from_pretrained`` like any other model. Used by tests and CPU smoke runs.
@@ -13,6 +13,7 @@ A model reference (``ref``) is one of:
 
 Public API: ``resolve_model``, ``load_clip``, ``load_sd_pipeline``, ``clip_features``,
 ``image_norm``, ``build_tiny_clip``, ``build_tiny_sd``, ``cache_dir``, ``ModelUnavailableError``.
+The tiny models themselves are built in ``tiny_models``; CLIP's features come from ``features``.
 """
 
 from __future__ import annotations
@@ -20,15 +21,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+
+from .features import clip_features, image_norm
+from .tiny_models import (
+    _BUILDER_VERSION,
+    build_cached,
+    build_tiny,
+    build_tiny_clip,
+    build_tiny_sd,
+    cache_dir,
+    one_thread,
+    seeded,
+    tiny_tokenizer_vocab,
+)
 
 __all__ = [
     "ModelUnavailableError",
@@ -47,87 +57,6 @@ __all__ = [
 TINY = "tiny"
 KINDS = ("clip", "sd")
 
-# Bump when the builder code changes in a way the config specs below do not capture; the cache
-# folder name holds this and a hash of the specs, so any change builds into a new folder.
-_BUILDER_VERSION = 1
-_SEED = 0
-_MARKER = "pneumoray_tiny.json"  # written last, so its presence means the build completed
-
-# CLIP's standard normalisation (what openai/clip-* processors use).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Character-level tokens make prompts long ("An image of normal chest X-ray" is 27 tokens), so
-# keep CLIP's usual 77 positions: it costs only 77 x hidden parameters.
-_MAX_TEXT_LEN = 77
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-TINY_CLIP_SPEC = {
-    "text": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": _MAX_TEXT_LEN,
-    },
-    # Tried and not kept: a 128-wide image tower (1.6x the time per epoch) gave 0.806 +- 0.006 accuracy
-    # and 0.804 +- 0.006 macro-F1 in make bench-real, level with this one and with the small CNN.
-    "vision": {
-        "image_size": 64,
-        "patch_size": 8,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-    },
-    "projection_dim": 64,
-    "image_size": 64,
-    # A trained CLIP's logit scale is 100 (the cap it learns up to); the init value 1/0.07 would
-    # shrink the classifier's gradients sevenfold.
-    "logit_scale_init_value": 4.6052,
-    # The image tower is pretrained on generic synthetic scenes (see tiny_pretrain.py).
-    "pretrain": {"steps": 1200, "batch": 64, "lr": 2e-3, "seed": 0},
-}
-
-TINY_SD_SPEC = {
-    "image_size": 64,
-    "unet": {
-        "block_out_channels": [32, 64],
-        "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-        "cross_attention_dim": 32,
-        "attention_head_dim": 8,
-        # Linear proj_in/proj_out, as in SD 2.x, so LoRA targets the same module kinds.
-        "use_linear_projection": True,
-    },
-    # Latents of 16 x 16 (three levels, 4x down): the UNet then costs a quarter of what 32 x 32 would,
-    # which is what lets the pretraining (tiny_pretrain.pretrain_sd) fit in minutes on 2 cores.
-    "vae": {
-        "block_out_channels": [16, 32, 64],
-        "norm_num_groups": 8,
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "latent_channels": 4,
-        "mid_block_add_attention": False,
-    },
-    "text": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": _MAX_TEXT_LEN,
-    },
-    "scheduler": {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-        "steps_offset": 1,
-    },
-}
-
 # Only what loading needs: skips the .bin/.h5/.msgpack copies and the big single-file SD
 # checkpoints at a repo's top level.
 _HUB_PATTERNS = {
@@ -138,7 +67,6 @@ _HUB_PATTERNS = {
     },
 }
 _PROBE_TIMEOUT_S = 3.0
-_SEED_LOCK = threading.Lock()
 
 
 class ModelUnavailableError(RuntimeError):
@@ -146,218 +74,8 @@ class ModelUnavailableError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Cache and tiny-model builders
+# Adapting the tiny models to a training split (label-free)
 # --------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """The pneumoray cache root: ``$PNEUMORAY_CACHE`` or ``~/.cache/pneumoray``."""
-    return Path(os.environ.get("PNEUMORAY_CACHE") or "~/.cache/pneumoray").expanduser()
-
-
-def _spec_version(spec: dict) -> str:
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    return f"v{_BUILDER_VERSION}-{digest}"
-
-
-def tiny_tokenizer_vocab() -> dict[str, int]:
-    """Byte-level CLIP vocab with no merges: 256 byte symbols, the same with ``</w>``, bos, eos.
-
-    The BPE then splits every word into single bytes, which is enough for tiny models.
-    """
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    vocab[_BOS] = len(vocab)
-    vocab[_EOS] = len(vocab)
-    return vocab
-
-
-def _save_tiny_tokenizer(folder: Path):
-    """Save a byte-level CLIPTokenizer to ``folder``: tokenizer.json plus vocab.json and a
-    merges.txt holding only the version line, so older loaders can read it too."""
-    from transformers import CLIPTokenizer
-
-    vocab = tiny_tokenizer_vocab()
-    # model_max_length must be finite: the SD pipeline pads prompts to it.
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_MAX_TEXT_LEN)
-    tokenizer.save_pretrained(str(folder))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return tokenizer
-
-
-def _text_config(spec: dict, tokenizer):
-    from transformers import CLIPTextConfig
-
-    # bos/eos/pad must be the tokenizer's: CLIP pools the hidden state at the eos token.
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **spec,
-    )
-
-
-def _clip_image_processor(size: int):
-    # Without torchvision transformers only has the PIL processor; use it directly when present
-    # (no fallback warning), else the default class.
-    try:
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor
-    return Processor(
-        do_resize=True,
-        size={"shortest_edge": size},
-        do_center_crop=True,
-        crop_size={"height": size, "width": size},
-        do_normalize=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_convert_rgb=True,
-    )
-
-
-@contextmanager
-def _seeded():
-    """Seed the global torch RNG for weight init, without disturbing the caller's stream.
-
-    Init draws from the process-wide generator, so concurrent builders in one process take turns.
-    """
-    with _SEED_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
-        yield
-
-
-@contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _write_tiny_clip(folder: Path, spec: dict) -> None:
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
-    from .tiny_pretrain import pretrain_vision
-
-    tokenizer = _save_tiny_tokenizer(folder)
-    config = CLIPConfig(
-        text_config=_text_config(spec["text"], tokenizer).to_dict(),
-        vision_config=spec["vision"],
-        projection_dim=spec["projection_dim"],
-        logit_scale_init_value=spec["logit_scale_init_value"],
-    )
-    processor = CLIPProcessor(image_processor=_clip_image_processor(spec["image_size"]), tokenizer=tokenizer)
-    with _seeded():
-        model = CLIPModel(config)
-        mean, std, _ = image_norm(processor)
-        with _one_thread():  # float sums must not depend on the core count, or weights would differ
-            pretrain_vision(model, mean, std, **spec["pretrain"])
-    model.eval().save_pretrained(str(folder), safe_serialization=True)
-    processor.save_pretrained(str(folder))
-
-
-def _write_tiny_sd(folder: Path, spec: dict) -> None:
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel
-
-    size = spec["image_size"]
-    vae_scale = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
-    tokenizer = _save_tiny_tokenizer(folder / "tokenizer")
-    with _seeded():
-        unet = UNet2DConditionModel(
-            sample_size=size // vae_scale,
-            in_channels=spec["vae"]["latent_channels"],
-            out_channels=spec["vae"]["latent_channels"],
-            **spec["unet"],
-        )
-        vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=size, **spec["vae"])
-        text_encoder = CLIPTextModel(_text_config(spec["text"], tokenizer))
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DPMSolverMultistepScheduler(**spec["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-
-
-_TINY = {
-    "clip": ("tiny-clip", TINY_CLIP_SPEC, _write_tiny_clip),
-    "sd": ("tiny-sd", TINY_SD_SPEC, _write_tiny_sd),
-}
-
-
-def _build_tiny(kind: str) -> Path:
-    """Return the cached tiny model folder for ``kind``, building it first if needed."""
-    name, spec, write = _TINY[kind]
-    final = cache_dir() / "models" / name / _spec_version(spec)
-    return build_cached(final, lambda tmp: write(tmp, spec), {"kind": kind, "version": final.name, "seed": _SEED,
-                                                                "spec": spec})
-
-
-def build_cached(final: Path, write, marker: dict) -> Path:
-    """``final``, built by ``write(tmp_folder)`` first if it is not there yet.
-
-    Builds into a temp folder beside the target and renames it into place, so concurrent
-    builders (Ray workers) never see a half-written folder. A lock file lets a second builder wait for
-    the first instead of doing the same work; one that still loses the rename race uses the winner's.
-    """
-    from filelock import FileLock
-
-    if (final / _MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    locks = cache_dir() / "locks"  # beside the models, not in their folders: a folder holds builds only
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / (hashlib.sha256(str(final).encode()).hexdigest()[:16] + ".lock"))):
-        if (final / _MARKER).is_file():
-            return final
-        if final.exists():
-            raise ModelUnavailableError(
-                f"{final} exists but is not a complete model build (no {_MARKER}); delete it and retry"
-            )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            start = time.perf_counter()
-            extra = write(tmp) or {}
-            marker = {**marker, **extra, "build_seconds": round(time.perf_counter() - start, 2)}
-            (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
-            _make_shareable(tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                # Another process renamed its build first (target now exists and is non-empty).
-                if not (final / _MARKER).is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def is_built_here(folder: str | Path) -> bool:
-    """Whether a model folder was built by this module (tiny or adapted): it then travels inside a
-    registered model, since no hub or other machine has it."""
-    return (Path(folder) / _MARKER).is_file()
 
 
 def _adapted_folder(kind: str, base: Path, paths: list[str], sha256s: list[str], cfg: dict) -> tuple[Path, dict, list[str]]:
@@ -391,7 +109,7 @@ def adapted_clip(ref: str, paths: list[str], sha256s: list[str], cfg: dict) -> s
         mean, std, size = image_norm(processor)
         grey = np.stack([np.asarray(images.letterbox(images.to_rgb(images.decode(Path(p).read_bytes())), size))[..., 0]
                          for p in paths]).astype(np.float32) / 255.0
-        with _seeded(), _one_thread():
+        with seeded(), one_thread():
             model = CLIPModel.from_pretrained(str(base))
             stats = contrastive_pretrain(model, torch.from_numpy(grey)[:, None], mean, std, **cfg)
         model.eval().save_pretrained(str(tmp), safe_serialization=True)
@@ -419,31 +137,13 @@ def adapted_sd(ref: str, paths: list[str], sha256s: list[str], cfg: dict, size: 
         from .tiny_pretrain import pretrain_sd
 
         pixels = torch.stack([to_sd_pixels(p, size) for p in paths])
-        with _seeded(), _one_thread():
+        with seeded(), one_thread():
             pipe = StableDiffusionPipeline.from_pretrained(str(base))
             stats = pretrain_sd(pipe, pixels, **cfg)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         return {"pretrain_on_training_split": stats}
 
     return str(build_cached(final, write, {"kind": "sd", "adapted_from": str(base), **key}))
-
-
-def _make_shareable(folder: Path) -> None:
-    # mkdtemp makes a 0700 folder and safetensors files come out 0600; a shared cache needs
-    # other users (and containers with another uid) to read them.
-    folder.chmod(0o755)
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def build_tiny_clip() -> Path:
-    """Folder of the tiny CLIP (model + tokenizer + processor), built on first use."""
-    return _build_tiny("clip")
-
-
-def build_tiny_sd() -> Path:
-    """Folder of the tiny Stable Diffusion pipeline, built on first use."""
-    return _build_tiny("sd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +227,7 @@ def resolve_model(ref: str, kind: str) -> str:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     ref = str(ref).strip()
     if ref == TINY:
-        return str(_build_tiny(kind))
+        return str(build_tiny(kind))
 
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -614,58 +314,3 @@ def load_sd_pipeline(ref: str, dtype=None):
     return StableDiffusionPipeline.from_pretrained(
         folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs
     )
-
-
-def _pooled(output) -> torch.Tensor:
-    # transformers < 5 returns a tensor; 5.x returns an output whose pooler_output is projected.
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "pooler_output"):
-        return output.pooler_output
-    return output[1]  # tuple form: (last_hidden_state, pooler_output, ...)
-
-
-def clip_features(model, pixel_values=None, input_ids=None, attention_mask=None):
-    """Projected (not normalised) CLIP features as plain tensors, whatever the transformers version.
-
-    Give ``pixel_values`` for image features, ``input_ids`` (+ ``attention_mask``) for text
-    features; give both to get ``(image_features, text_features)``.
-    """
-    if pixel_values is None and input_ids is None:
-        raise ValueError("clip_features needs pixel_values and/or input_ids")
-    image = text = None
-    if pixel_values is not None:
-        image = _pooled(model.get_image_features(pixel_values=pixel_values))
-    if input_ids is not None:
-        text = _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-    if image is not None and text is not None:
-        return image, text
-    return image if image is not None else text
-
-
-def image_norm(processor) -> tuple[tuple[float, ...], tuple[float, ...], int]:
-    """``(mean, std, size)`` of a CLIP processor (or its image processor): the model's own input.
-
-    ``size`` is the side of the square crop the model expects.
-    """
-    ip = getattr(processor, "image_processor", processor)
-    mean = tuple(float(x) for x in ip.image_mean)
-    std = tuple(float(x) for x in ip.image_std)
-    crop = getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", True) else None
-    crop = crop if crop is not None else ip.size
-    size = _side(crop)
-    return mean, std, size
-
-
-def _side(size) -> int:
-    if isinstance(size, int):
-        return size
-    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
-    height, width = get("height"), get("width")
-    if height and width:
-        if height != width:
-            raise ValueError(f"expected a square input size, got {height}x{width}")
-        return int(height)
-    if get("shortest_edge"):
-        return int(get("shortest_edge"))
-    raise ValueError(f"cannot read an input size from {size!r}")

@@ -31,14 +31,14 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-CLASSES = ("normal", "bacteria", "virus")
+from .data.kermany import LABELS, parse_name
+
 # Image counts of the Kermany data set (normal : bacteria : virus); patients are split alike.
 KERMANY_COUNTS = {"normal": 1349, "bacteria": 2538, "virus": 1345}
 # ~300 patients give ~580 images: enough for a tiny 64 px CLIP + LoRA to reach a high test
@@ -50,24 +50,7 @@ JPEG_QUALITY = 92
 IMAGES_PER_PATIENT = (1, 2, 3, 4, 5)
 IMAGES_PER_PATIENT_P = (0.45, 0.30, 0.15, 0.06, 0.04)
 
-NORMAL_NAME = re.compile(r"^IM-(\d{4,})-(\d{4})\.jpeg$")
-PNEUMONIA_NAME = re.compile(r"^person(\d+)_(bacteria|virus)_(\d+)\.jpeg$")
 FOLDERS = {"normal": "NORMAL", "bacteria": "PNEUMONIA", "virus": "PNEUMONIA"}
-
-
-def parse_name(filename):
-    """(class, patient key) of a Kermany-style file name, e.g. ('virus', 'person12').
-
-    The patient key groups the images of one person, which is what a patient-level split needs.
-    """
-    base = os.path.basename(filename)
-    m = NORMAL_NAME.match(base)
-    if m:
-        return "normal", f"IM-{m.group(1)}"
-    m = PNEUMONIA_NAME.match(base)
-    if m:
-        return m.group(2), f"person{m.group(1)}"
-    raise ValueError(f"not a Kermany-style file name: {base}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,16 +69,16 @@ class PatientPlan:
 def class_counts(patients):
     """Patients per class, in the Kermany ratio (largest remainder, at least one each)."""
     total = sum(KERMANY_COUNTS.values())
-    exact = {c: patients * KERMANY_COUNTS[c] / total for c in CLASSES}
-    counts = {c: int(exact[c]) for c in CLASSES}
-    for c in sorted(CLASSES, key=lambda c: exact[c] - counts[c], reverse=True):
+    exact = {c: patients * KERMANY_COUNTS[c] / total for c in LABELS}
+    counts = {c: int(exact[c]) for c in LABELS}
+    for c in sorted(LABELS, key=lambda c: exact[c] - counts[c], reverse=True):
         if sum(counts.values()) == patients:
             break
         counts[c] += 1
-    if patients >= len(CLASSES):
-        for c in CLASSES:
+    if patients >= len(LABELS):
+        for c in LABELS:
             while counts[c] == 0:
-                donor = max(CLASSES, key=lambda d: counts[d])
+                donor = max(LABELS, key=lambda d: counts[d])
                 counts[donor] -= 1
                 counts[c] += 1
     return counts
@@ -120,11 +103,11 @@ def plan_patients(patients=DEFAULT_PATIENTS, seed=0, test_fraction=0.2):
         raise ValueError("test_fraction must be in [0, 1)")
     counts = class_counts(patients)
     plan_rng = np.random.default_rng([seed, 2**31])  # a stream no patient index uses
-    labels = np.array([c for c in CLASSES for _ in range(counts[c])])
+    labels = np.array([c for c in LABELS for _ in range(counts[c])])
     labels = labels[plan_rng.permutation(patients)]
 
     split = np.full(patients, "train", dtype=object)
-    for c in CLASSES:
+    for c in LABELS:
         members = np.flatnonzero(labels == c)
         n_test = int(round(len(members) * test_fraction))
         if test_fraction > 0 and len(members) >= 2:
@@ -544,7 +527,7 @@ def _warp(density, rot, scale, shift):
 
 def render_patient(cls, seed, index, size=256):
     """All films of one patient as uint8 arrays (size x size), drawn from rng(seed, index)."""
-    if cls not in CLASSES:
+    if cls not in LABELS:
         raise ValueError(f"unknown class {cls!r}")
     rng = _patient_rng(seed, index)
     n_images = _image_count(rng)
@@ -574,7 +557,7 @@ def _remove_stale(out_dir, planned):
                 continue
             for name in os.listdir(d):
                 rel = f"{split}/{folder}/{name}"
-                ours = NORMAL_NAME.match(name) or PNEUMONIA_NAME.match(name)
+                ours = name.endswith(".jpeg") and parse_name(name[:-len(".jpeg")])[0] is not None
                 temp = name.startswith(".") and name.endswith(".tmp")
                 if (ours and rel not in planned) or temp:
                     os.remove(os.path.join(d, name))
@@ -584,7 +567,7 @@ def _remove_stale(out_dir, planned):
 
 def contact_sheet(out_dir, plans, per_row=6, thumb=128):
     """A PNG grid: one row per split and class, one image per patient, labelled."""
-    rows = [(s, c) for s in ("train", "test") for c in CLASSES]
+    rows = [(s, c) for s in ("train", "test") for c in LABELS]
     label_w, pad = 120, 4
     width, height = label_w + per_row * (thumb + pad) + pad, len(rows) * (thumb + pad) + pad
     sheet = Image.new("L", (width, height), 255)
@@ -631,8 +614,8 @@ def generate_phantoms(out_dir, patients=DEFAULT_PATIENTS, seed=0, size=256, test
             os.makedirs(os.path.join(out_dir, split, folder), exist_ok=True)
     removed = _remove_stale(out_dir, {f for p in plans for f in p.files})
 
-    counts = {s: {c: 0 for c in CLASSES} for s in ("train", "test")}
-    people = {s: {c: 0 for c in CLASSES} for s in ("train", "test")}
+    counts = {s: {c: 0 for c in LABELS} for s in ("train", "test")}
+    people = {s: {c: 0 for c in LABELS} for s in ("train", "test")}
     for p in plans:
         images = render_patient(p.cls, seed, p.index, size)
         for rel, pixels in zip(p.files, images):

@@ -19,7 +19,8 @@ from mlflow.types import ColSpec, Schema
 
 import pneumoray
 
-CLIP_MODEL = "pneumonia-clip"
+CLIP_MODEL = "pneumonia-clip"   # the classifier; serving follows its champion alias
+SD_MODEL = "pneumonia-sd-lora"  # the synthetic X-ray generator (SD LoRA)
 SCORE = "val_macro_f1"
 
 
@@ -92,7 +93,7 @@ MODEL_DESCRIPTIONS = {
                 "prompt similarity, temperature-calibrated on validation. Research use only, not for diagnosis. "
                 "Load: mlflow.pyfunc.load_model('models:/pneumonia-clip@champion'); the adapter also loads with "
                 "PeftModel.from_pretrained. Aliases: champion (served), previous-champion, challenger.",
-    "pneumonia-sd-lora": "Synthetic chest X-rays per class: a Stable Diffusion LoRA (attention + projection "
+    SD_MODEL: "Synthetic chest X-rays per class: a Stable Diffusion LoRA (attention + projection "
                          "layers), one adapter for all classes, prompted 'An image of {label} chest X-ray'. "
                          "Load: pipe.load_lora_weights('<version>/artifacts/lora'), or the pyfunc "
                          "(predict(DataFrame[label, seed]) -> PNG bytes).",
@@ -193,16 +194,29 @@ def rollback(name: str, to: str | int | None, reason: str) -> dict:
             "reason": why}
 
 
+def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
+    """(name, alias, version) of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/NAME``;
+    (None, None, None) for anything else. The one parser of registry URIs (serving and generation use it)."""
+    if not uri.startswith("models:/"):
+        return None, None, None
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.rpartition("/")
+    return (name, None, version) if name else (rest, None, None)
+
+
 def resolve_version(uri: str, client=None) -> tuple[str, str]:
     """(name, version) that a registry URI names now: ``models:/NAME@ALIAS``, ``models:/NAME/N`` or
     ``models:/NAME/latest``; MlflowException when the store has no such model, alias or version."""
     client = client or mlflow.MlflowClient()
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
+    name, alias, version = parse_model_uri(uri)
+    if name is None:
+        raise mlflow.exceptions.MlflowException(f"{uri!r} is not a registry URI (models:/NAME@ALIAS or models:/NAME/N)")
+    if alias:
         return name, str(client.get_model_version_by_alias(name, alias).version)
-    name, _, version = rest.partition("/")
-    if version in ("", "latest"):
+    if version in (None, "latest"):
         versions = client.search_model_versions(f"name = '{name}'")
         if not versions:
             raise mlflow.exceptions.MlflowException(f"no versions of registered model {name!r}")

@@ -338,7 +338,8 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int, single: bool
             if single:
                 raise ClientError(413, f"too many form fields for /v1/classify (more than {max_parts}), which takes one "
                                        "image: send one file, or several to /v1/classify/batch")
-            raise ClientError(413, f"too many form fields (more than {max_parts}): send at most {max_parts - 1} images per request (split the batch)")
+            raise ClientError(413, f"too many form fields (more than {max_parts}): send at most {max_parts - 1} images "
+                                   "per request (split the batch)")
         state["headers"] = {}
 
     def on_header_field(data, start, end):
@@ -438,7 +439,8 @@ def harden_pil(max_pixels: int) -> None:
 def _too_many_pixels(width: int, height: int, frames: int, max_pixels: int) -> ClientError:
     what = f"{width} x {height}" + (f" x {frames} frames" if frames > 1 else "")
     return ClientError(413, f"image is {what} = {width * height * frames / 1e6:.1f} megapixels, over the "
-                            f"{max_pixels / 1e6:.1f} megapixel limit: downscale it (the classifier looks at a few hundred pixels a side at most)")
+                            f"{max_pixels / 1e6:.1f} megapixel limit: downscale it "
+                            "(the classifier looks at a few hundred pixels a side at most)")
 
 
 def _bomb(e: Exception, max_pixels: int) -> ClientError:
@@ -508,7 +510,8 @@ def _check_dicom_header(data: bytes, max_pixels: int) -> int:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except Exception as e:  # pydicom raises many types for broken files
-        raise ClientError(422, f"corrupt DICOM: its header cannot be read ({type(e).__name__}): send a complete DICOM file") from None
+        raise ClientError(422, f"corrupt DICOM: its header cannot be read ({type(e).__name__}): "
+                               "send a complete DICOM file") from None
     if rows <= 0 or cols <= 0:
         raise ClientError(422, "DICOM without an image (no Rows/Columns): send a DICOM that holds a radiograph")
     if rows * cols * frames > max_pixels:
@@ -555,18 +558,6 @@ class Served:
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
 
 
-def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
-    """(name, alias, version) of models:/name@alias or models:/name/version; (None, None, None) otherwise."""
-    if not uri.startswith("models:/"):
-        return None, None, None
-    rest = uri[len("models:/"):].strip("/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, alias, None
-    name, _, version = rest.rpartition("/")
-    return (name, None, version) if name else (rest, None, None)
-
-
 class ModelNotFound(LookupError):
     """The model URI names nothing in the registry the service was pointed at."""
 
@@ -584,6 +575,8 @@ def check_source(uri: str, tracking_uri: str) -> str | None:
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from .registry import parse_model_uri
+
     name, alias, pinned = parse_model_uri(uri)
     if name is None:
         return None
@@ -642,6 +635,8 @@ class ModelHolder:
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        from .registry import parse_model_uri
+
         self.name, self.alias, self.pinned = parse_model_uri(uri)
         self.lkg_dir = last_known_good_dir(uri, tracking_uri, last_known_good)
         self.last_error: str | None = None

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .features import clip_features
+
 # attribute -> number of values; one linear head each
 ATTRIBUTES = {"background": 3, "shape": 4, "position": 9, "size": 2, "edge": 2, "texture": 4, "region": 4}
 
@@ -65,8 +67,6 @@ def scenes(rng: np.random.Generator, n: int, size: int):
 @torch.enable_grad()  # the first use of the tiny CLIP may come from inside torch.no_grad() (quality.embed)
 def pretrain_vision(model, mean, std, steps: int = 300, batch: int = 64, lr: float = 2e-3, seed: int = 0) -> dict:
     """Train the image tower (and visual projection) of a CLIPModel in place; returns final accuracies."""
-    from .models import clip_features
-
     size = model.config.vision_config.image_size
     dim = model.config.projection_dim
     rng = np.random.default_rng(seed)
@@ -143,8 +143,6 @@ def contrastive_pretrain(model, images: torch.Tensor, mean, std, epochs: int = 3
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * per_epoch), pct_start=0.1)
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    from .models import clip_features
-
     model.train()
     losses = []
     for _ in range(epochs):

@@ -48,6 +48,10 @@ def decode(data: bytes) -> Image.Image:
     return img
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _jpeg_frame(data: bytes):
     """(width, height, [(h, v) sampling per component]) from a JPEG's SOF segment, and where its first
     scan's entropy-coded data starts; None where the markers cannot be walked."""
@@ -88,7 +92,7 @@ def check_jpeg_complete(data: bytes) -> None:
     if not width or not height or not sampling:
         return  # height 0: defined later by a DNL marker; nothing to bound here
     h_max, v_max = max(h for h, _ in sampling) or 1, max(v for _, v in sampling) or 1
-    blocks = sum(-(-(-(-width * h // h_max)) // 8) * -(-(-(-height * v // v_max)) // 8) for h, v in sampling)
+    blocks = sum(_ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8) for h, v in sampling)
     coded_bits = 8 * (len(data) - start)  # an upper bound: later headers and markers count as data too
     if coded_bits < blocks:
         raise ImageError(f"truncated JPEG: its header declares {width} x {height} pixels ({blocks:,} blocks of "
@@ -108,8 +112,8 @@ def check_deflated_dicom(data: bytes, max_bytes: int) -> None:
     """
     import zlib
 
-    from pydicom.filereader import read_preamble
     from pydicom.filereader import _read_file_meta_info as read_meta  # noqa: PLC2701 (no public twin)
+    from pydicom.filereader import read_preamble
 
     fp = io.BytesIO(data)
     try:

@@ -170,7 +170,8 @@ def scan(root: str | Path) -> list[Entry]:
     """
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist: pass --data DIR (a Kermany-style folder) or a manifest .parquet")
+        raise FileNotFoundError(f"data folder {root} does not exist: "
+                                "pass --data DIR (a Kermany-style folder) or a manifest .parquet")
     entries = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).parts
