@@ -92,9 +92,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         return diffusion.train_step(parts, batch["pixel_values"], texts[batch["label"]], optimizer, generator=gen,
                                     autocast_dtype=half, scaler=scaler, max_grad_norm=cfg["max_grad_norm"])
 
-    for epoch in range(start_epoch, cfg["epochs"]):
+    epochs = ray_train.EpochBatches(train_shard, range(start_epoch, cfg["epochs"]), batch_size=cfg["batch_size"],
+                                    device=device)  # shuffled anew each epoch
+    for epoch, batches in epochs:
         gen.manual_seed(cfg["seed"] * 100_003 + epoch)  # a resumed epoch draws the same noise
-        batches = train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device)  # shuffled each epoch
         values = {"epoch": epoch, "train_loss": ray_train.train_epoch(batches, step, scheduler),
                   "val_loss": _val_loss(parts, val_shard, texts, cfg, device, half), "lr": scheduler.get_last_lr()[0]}
         ray_train.log_epoch(client, cfg["mlflow_run_id"], values, epoch)

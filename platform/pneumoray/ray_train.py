@@ -54,6 +54,41 @@ def resume(optimizer, scheduler, load_weights: Callable[[str], None]) -> int:
     return epoch + 1
 
 
+class EpochBatches:
+    """The training shard's batches, epoch after epoch, each epoch's execution started ahead of time.
+
+    Ray Data starts an epoch's execution only when it is asked for its batches, and the global
+    shuffle is an all-to-all step: the first batch waits for all of it (about 0.3 s an epoch on the
+    tiny profile, more than a tenth of the epoch). So as soon as an epoch's batches are used up, the
+    next epoch's execution starts in a background thread, up to its first batch, while the worker
+    validates and checkpoints. The order of every epoch is Ray Data's own (seeded per execution), so
+    nothing changes but when it is computed.
+    """
+
+    def __init__(self, shard, epochs: range, **iter_kwargs):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.shard, self.epochs, self.kwargs = shard, epochs, iter_kwargs
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pneumoray-next-epoch")
+        self.pending = self.pool.submit(self._start) if len(epochs) else None
+
+    def _start(self):
+        it = iter(self.shard.iter_torch_batches(**self.kwargs))
+        return next(it, None), it
+
+    def __iter__(self):
+        for epoch in self.epochs:
+            first, it = self.pending.result()
+            yield epoch, self._batches(first, it, last=epoch == self.epochs[-1])
+        self.pool.shutdown()
+
+    def _batches(self, first, it, last: bool):
+        if first is not None:
+            yield first
+            yield from it
+        self.pending = None if last else self.pool.submit(self._start)
+
+
 def train_epoch(batches: Iterable, step: Callable[[dict], float], scheduler) -> float:
     """One pass over the training batches: ``step(batch)`` returns the batch's loss, then the
     scheduler steps. Returns the mean loss (nan for an empty shard)."""

@@ -83,8 +83,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     def step(batch):
         return classifier.train_step(model, batch["pixel_values"], batch["label"], bank, optimizer, weights, autocast)
 
-    for epoch in range(start_epoch, cfg["epochs"]):
-        batches = train_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device)  # shuffled each epoch
+    epochs = ray_train.EpochBatches(train_shard, range(start_epoch, cfg["epochs"]), batch_size=cfg["batch_size"],
+                                    device=device)  # shuffled anew each epoch
+    for epoch, batches in epochs:
         train_loss = ray_train.train_epoch(batches, step, scheduler)
         report, logits, y_true = validate(model, val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device),
                                           bank, cfg["classes"], autocast)
