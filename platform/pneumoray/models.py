@@ -29,7 +29,7 @@ import torch
 
 from .features import clip_features, image_norm
 from .tiny_models import (
-    _BUILDER_VERSION,
+    BUILDER_VERSION,
     build_cached,
     build_tiny,
     build_tiny_clip,
@@ -82,7 +82,7 @@ def _adapted_folder(kind: str, base: Path, paths: list[str], sha256s: list[str],
     """(cache folder, cache key, paths in a fixed order) of ``base`` adapted label-free to a set of images."""
     sha256s, paths = zip(*sorted(zip(sha256s, paths)))  # the same set of images gives the same model
     key = {"base": str(base.name), "images": hashlib.sha256("".join(sha256s).encode()).hexdigest(),
-           "cfg": cfg, "builder": _BUILDER_VERSION}
+           "cfg": cfg, "builder": BUILDER_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"tiny-{kind}-adapted" / digest, key, list(paths)
 

@@ -25,7 +25,7 @@ from .features import image_norm
 
 # Bump when the builder code changes in a way the config specs below do not capture; the cache
 # folder name holds this and a hash of the specs, so any change builds into a new folder.
-_BUILDER_VERSION = 1
+BUILDER_VERSION = 1
 _SEED = 0
 MARKER = "pneumoray_tiny.json"  # written last, so its presence means the build completed
 
@@ -117,7 +117,7 @@ def cache_dir() -> Path:
 
 def _spec_version(spec: dict) -> str:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    return f"v{_BUILDER_VERSION}-{digest}"
+    return f"v{BUILDER_VERSION}-{digest}"
 
 
 def tiny_tokenizer_vocab() -> dict[str, int]:

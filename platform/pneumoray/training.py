@@ -91,10 +91,11 @@ def train_loop_per_worker(cfg: dict) -> None:
                                           bank, cfg["classes"], autocast)
         values = epoch_metrics(epoch, train_loss, report)
         ray_train.log_epoch(client, cfg["mlflow_run_id"], values, epoch)
-        state = {**values, "resumed_at_epoch": start_epoch, "confusion_matrix": report["confusion_matrix"],
-                 "val_logits": logits.tolist(), "val_labels": y_true.tolist()}
-        ray_train.report_epoch({**values, "resumed_at_epoch": start_epoch}, state,
-                               lambda d: unwrapped.save_pretrained(os.path.join(d, "adapter")), optimizer, scheduler)
+        reported = {**values, "resumed_at_epoch": start_epoch}
+        state = {**reported, "confusion_matrix": report["confusion_matrix"], "val_logits": logits.tolist(),
+                 "val_labels": y_true.tolist()}
+        ray_train.report_epoch(reported, state, lambda d: unwrapped.save_pretrained(os.path.join(d, "adapter")),
+                               optimizer, scheduler)
 
 
 # ----------------------------------------------------------------------------- on the driver
