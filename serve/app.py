@@ -197,6 +197,10 @@ class PneumoniaClassifier:
             self.stats["aborted"] += 1
             log.info("client abort: %s", e)
             return Response(status_code=499)  # nginx's "client closed request", for the access log
+        except asyncio.CancelledError:  # Serve cancels the request when it sees the client leave first
+            self.stats["aborted"] += 1
+            log.info("client abort: the client closed the connection; Serve cancelled the request")
+            raise  # a cancellation must stay one (Serve logs it as CANCELLED, 499)
         except Exception as e:  # our fault, not the client's: a JSON 500, the traceback in the replica log
             log.exception("request failed")
             return JSONResponse({"error": f"internal error ({type(e).__name__}); see the replica log"}, status_code=500)
