@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from pneumoray.generation import SyntheticSet
+from pneumoray.results import DataSource, EndpointCheck, ManifestRef, SearchResult, SplitEvaluation, SyntheticDecision, TrainedRun
+
 STAGES = ("data", "manifest", "finetune_diffusion", "generate", "tune", "train", "judge", "evaluate", "serve")
 
 
@@ -32,7 +35,7 @@ class Pipeline:
         self.stages_dir = out / "stages"
         self.attempt = self._attempt(fresh=args.fresh)
         self.stages_dir.mkdir(parents=True, exist_ok=True)
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, object] = {}  # stage name -> its record (pneumoray.results)
         self.seconds: dict[str, float] = {}
 
     def _attempt(self, fresh: bool) -> int:
@@ -51,19 +54,27 @@ class Pipeline:
         """The attempt's name for a run or folder: the stages resume by these names."""
         return base if self.attempt == 1 else f"{base}-{self.attempt}"
 
-    def stage(self, name: str, fn):
-        """Run ``fn`` once: its JSON result is kept in DIR/stages/<name>.json and reused on reruns."""
+    def stage(self, name: str, fn, record):
+        """Run ``fn`` once: its result (a ``record``, see pneumoray.results) is kept as JSON in
+        DIR/stages/<name>.json and read back on reruns."""
+        from pneumoray import results
+
         path = self.stages_dir / f"{name}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            self.results[name], self.seconds[name] = saved["result"], saved["seconds"]
+            try:
+                self.results[name], self.seconds[name] = results.from_json(record, saved["result"]), saved["seconds"]
+            except (TypeError, ValueError) as e:
+                raise RuntimeError(f"{path} does not hold a {record.__name__} ({e}): it was written by another "
+                                   "version of pneumoray; rerun with --fresh (the earlier attempt's runs stay)") from None
             print(f"[pipeline] {name}: done in an earlier run, reused ({path})", flush=True)
             return self.results[name]
         print(f"[pipeline] {name}: starting", flush=True)
         t0 = time.perf_counter()
         result = fn()
         seconds = round(time.perf_counter() - t0, 2)
-        _write_json(path, {"result": result, "seconds": seconds})  # done only once its whole result is written
+        # done only once its whole result is written
+        _write_json(path, {"result": results.to_json(result), "seconds": seconds})
         self.results[name], self.seconds[name] = result, seconds
         print(f"[pipeline] {name}: done in {seconds:.1f} s", flush=True)
         return result
@@ -76,42 +87,47 @@ def _write_json(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def _data(p: Pipeline) -> dict:
+def _data(p: Pipeline) -> DataSource:
     from pneumoray.phantoms import generate_phantoms
 
     if p.args.data:
-        return {"root": str(Path(p.args.data).resolve()), "kind": "given"}
+        return DataSource(root=str(Path(p.args.data).resolve()), kind="given")
     ph = p.profile["data"]["phantoms"]
     root = p.out / "phantoms"
     kwargs = {k: ph[k] for k in ("patients", "seed", "size") if ph.get(k) is not None}
     generate_phantoms(root, **kwargs)
-    return {"root": str(root), "kind": "phantoms", **kwargs}
+    return DataSource(root=str(root), kind="phantoms", **kwargs)
 
 
-def _manifest(p: Pipeline) -> dict:
+def _manifest(p: Pipeline) -> ManifestRef:
     from pneumoray.data import manifest
 
     d = p.profile["data"]
-    frame, report = manifest.build(p.results["data"]["root"], p.args.classes or d["classes"], **manifest.split_settings(d))
-    path = manifest.write(frame, report, p.out / "manifest.parquet")
-    return {"path": str(path), "images": len(frame), "counts": report["counts"], "classes": report["classes"],
-            "skipped": len(report.get("skipped", []))}
+    built = manifest.build(p.results["data"].root, _classes(p), **manifest.split_settings(d))
+    path = manifest.write(built.frame, built.report, p.out / "manifest.parquet")
+    return ManifestRef(path=str(path), images=len(built.frame), counts=built.report["counts"], classes=built.classes,
+                       skipped=len(built.report.get("skipped", [])))
 
 
-def _load_real(p: Pipeline):
+def _classes(p: Pipeline) -> str:
+    return p.args.classes or p.profile["data"]["classes"]
+
+
+def _load(p: Pipeline, *sources: str):
+    """The real manifest (and any synthetic ones) as a manifest.Manifest, split as the profile says."""
     from pneumoray.data import manifest
 
-    d = p.profile["data"]
-    return manifest.load_sources([p.results["manifest"]["path"]], p.args.classes or d["classes"], **manifest.split_settings(d))
+    return manifest.load_sources([p.results["manifest"].path, *sources], _classes(p),
+                                 **manifest.split_settings(p.profile["data"]))
 
 
 def _build_clip(profile: dict, manifest_path: str, classes: str) -> None:
     from pneumoray import models, training
     from pneumoray.data import manifest
 
-    frame, _ = manifest.load_sources([manifest_path], classes, **manifest.split_settings(profile["data"]))
+    real = manifest.load_sources([manifest_path], classes, **manifest.split_settings(profile["data"]))
     models.resolve_model(profile["models"]["clip"], "clip")
-    training.base_clip(profile, frame[frame["split"] == "train"])
+    training.base_clip(profile, real.split("train"))
 
 
 def _warm_clip(p: Pipeline):
@@ -123,18 +139,19 @@ def _warm_clip(p: Pipeline):
     if p.profile["models"]["clip"] != "tiny":
         return None
     proc = multiprocessing.get_context("spawn").Process(
-        target=_build_clip, args=(p.profile, p.results["manifest"]["path"], p.args.classes or p.profile["data"]["classes"]),
+        target=_build_clip, args=(p.profile, p.results["manifest"].path, _classes(p)),
         name="pneumoray-build-clip", daemon=True)
     proc.start()
     return proc
 
 
-def _finetune(p: Pipeline) -> dict:
+def _finetune(p: Pipeline) -> TrainedRun:
     from pneumoray import diffusion_training
 
-    frame, report = _load_real(p)
+    real = _load(p)
     with _epoch_lines(p, int(p.profile["diffusion"]["epochs"]), "DIFFUSION_FIELDS"):
-        return diffusion_training.fit(p.profile, frame, report, p.name("pipeline-sd-lora"))
+        return TrainedRun.of(diffusion_training.fit(p.profile, real.frame, real.report, p.name("pipeline-sd-lora")),
+                             score="val_loss")
 
 
 def _epoch_lines(p: Pipeline, epochs: int, fields: str):
@@ -145,39 +162,38 @@ def _epoch_lines(p: Pipeline, epochs: int, fields: str):
                               out=lambda line: print(line, flush=True))
 
 
-def _generate(p: Pipeline) -> dict:
+def _generate(p: Pipeline):
     from pneumoray import generation
 
-    real = _load_real(p)
-    classes = real[1]["classes"]
+    real = _load(p)
     counts = p.profile["pipeline"].get("synthetic_counts")
-    made = generation.make_synthetic_set(
-        p.profile, p.out / p.name("synthetic"), classes=classes, adapter_ref=p.results["finetune_diffusion"]["model_uri"],
-        real=real, counts=generation.parse_counts(counts, classes) if counts and counts != "balance" else None,
+    return generation.make_synthetic_set(
+        p.profile, p.out / p.name("synthetic"), classes=real.classes,
+        adapter_ref=p.results["finetune_diffusion"].model.uri, real=real,
+        counts=generation.parse_counts(counts, real.classes) if counts and counts != "balance" else None,
         run_name=p.name("pipeline-generate"), say=lambda line: print(line, flush=True))
-    return made.to_dict()
 
 
-def _tune(p: Pipeline) -> dict:
+def _tune(p: Pipeline) -> SearchResult:
     if not p.args.tune:
-        return {"skipped": True}
+        return SearchResult(skipped=True)
     from pneumoray import console, search
 
-    frame, report = _load_real(p)
+    real = _load(p)
     lines = console.trial_lines(int(p.profile["tune"]["num_samples"]), out=lambda line: print(line, flush=True))
-    summary = search.run(p.profile, frame, report, p.name("pipeline-tune"), register=False, callbacks=[lines],
+    summary = search.run(p.profile, real.frame, real.report, p.name("pipeline-tune"), register=False, callbacks=[lines],
                          quiet=not p.args.verbose)
     if not summary["complete"]:
         raise RuntimeError("the search was interrupted; rerun the pipeline to continue it")
     best = search.best_trial(summary["trials"])
-    return {"best_config": {k: best[k] for k in search.PARAMS},
-            "best_val_macro_f1": best["best_val_macro_f1"], "compute": summary["compute"],
-            "trials": len(summary["trials"]), "parent_run_id": summary["parent_run_id"]}
+    return SearchResult(best_config={k: best[k] for k in search.PARAMS}, best_val_macro_f1=best["best_val_macro_f1"],
+                        compute=summary["compute"], trials=len(summary["trials"]),
+                        parent_run_id=summary["parent_run_id"])
 
 
 def _tuned_profile(p: Pipeline) -> dict:
     """The profile with the search's best hyper-parameters, when there was a search."""
-    best = p.results.get("tune", {}).get("best_config")
+    best = p.results["tune"].best_config
     if not best:
         return p.profile
     from pneumoray import search
@@ -185,47 +201,49 @@ def _tuned_profile(p: Pipeline) -> dict:
     return search.apply_params(p.profile, best)
 
 
-def _train(p: Pipeline) -> dict:
+def _train(p: Pipeline) -> SyntheticDecision:
     from pneumoray import synthetic_gate
-    from pneumoray.data import manifest
 
-    d = p.profile["data"]
-    frame, report = manifest.load_sources([p.results["manifest"]["path"], p.results["generate"]["manifest"]],
-                                          p.args.classes or d["classes"], **manifest.split_settings(d))
+    both = _load(p, p.results["generate"].manifest)
     profile = _tuned_profile(p)
     with _epoch_lines(p, int(profile["train"]["epochs"]), "CLASSIFIER_FIELDS"):
-        without, with_ = synthetic_gate.fit_both(profile, frame, report, p.name("pipeline-clip"))
-    n_synthetic = int((frame["source"] == "synthetic").sum())
+        without, with_ = synthetic_gate.fit_both(profile, both.frame, both.report, p.name("pipeline-clip"))
+    n_synthetic = int((both.frame["source"] == "synthetic").sum())
     return synthetic_gate.decide(profile["train"].get("synthetic", "if_not_worse"), n_synthetic, without, with_,
-                            margin=float(profile["train"].get("synthetic_margin", synthetic_gate.DEFAULT_MARGIN)))
+                                 margin=float(profile["train"].get("synthetic_margin", synthetic_gate.DEFAULT_MARGIN)))
 
 
-def _judge(p: Pipeline) -> dict:
-    """The synthetic images' label fidelity, judged by the run trained on real images only."""
+def _judge(p: Pipeline):
+    """The synthetic set again, its quality now with label fidelity, judged by the run trained on real
+    images only (which exists only after generation)."""
+    import dataclasses
+
     from pneumoray import generation
 
-    judge_uri = p.results["train"]["synthetic"]["without_synthetic"]["model_uri"]
-    return generation.judge_folder(p.results["generate"]["out"], judge_uri, p.name("pipeline-generate"),
-                                   say=lambda line: print(line, flush=True))
+    made = p.results["generate"]
+    judged = generation.judge_folder(made.out, p.results["train"].without_synthetic.model.uri,
+                                     p.name("pipeline-generate"), say=lambda line: print(line, flush=True))
+    return dataclasses.replace(made, quality=judged)
 
 
-def _evaluate(p: Pipeline) -> dict:
+def _evaluate(p: Pipeline) -> SplitEvaluation:
+    import numpy as np
+
     from pneumoray import evaluation
     from pneumoray.plots import confusion_png
 
-    decision = p.results["train"]["synthetic"]
+    decision = p.results["train"]
     out, figures = {}, p.out / "figures"
     figures.mkdir(exist_ok=True)
     for key in ("without_synthetic", "with_synthetic"):
-        result = evaluation.evaluate(decision[key]["model_uri"], p.results["manifest"]["path"], "test", log=True)
+        result = evaluation.evaluate(getattr(decision, key).model.uri, p.results["manifest"].path, "test", log=True)
         out[key] = result
-        confusion_png(__import__("numpy").array(result["confusion_matrix"]), result["classes"],
+        confusion_png(np.array(result["confusion_matrix"]), result["classes"],
                       figures / f"confusion_test_{key}.png", f"test, {key.replace('_', ' ')}")
-    out["zero_shot"] = out["without_synthetic"]["zero_shot"]
-    return out
+    return SplitEvaluation(zero_shot=out["without_synthetic"]["zero_shot"], **out)
 
 
-def _serve(p: Pipeline) -> dict:
+def _serve(p: Pipeline) -> EndpointCheck:
     """Start the endpoint on the registry's champion, answer one real request, stop it."""
     import ray
     import requests
@@ -235,7 +253,7 @@ def _serve(p: Pipeline) -> dict:
     from pneumoray.data import manifest
     from serve.app import application
 
-    frame, _ = manifest.read(p.results["manifest"]["path"])
+    frame = manifest.read(p.results["manifest"].path).frame
     image = Path(frame[frame["split"] == "test"]["path"].iloc[0])
     port = p.args.serve_port
     if not ray.is_initialized():
@@ -257,9 +275,9 @@ def _serve(p: Pipeline) -> dict:
     bearer = token_file if token_file.startswith("$") else f"$(cat {token_file})"  # the variable, or the file
     if answer["status"] != 200:
         raise RuntimeError(f"the endpoint answered {answer['status']}: {answer['body']}")
-    return {"url": url, "image": image.name, "true_label": frame.loc[frame["path"] == str(image), "label"].iloc[0],
-            "answer": answer["body"], "client_latency_ms": answer["client_latency_ms"],
-            "curl": f"curl -H \"Authorization: Bearer {bearer}\" -F file=@{image} {url}"}
+    return EndpointCheck(url=url, image=image.name, true_label=frame.loc[frame["path"] == str(image), "label"].iloc[0],
+                         answer=answer["body"], client_latency_ms=answer["client_latency_ms"],
+                         curl=f"curl -H \"Authorization: Bearer {bearer}\" -F file=@{image} {url}")
 
 
 def _test_block(result: dict) -> dict:
@@ -279,24 +297,22 @@ def summarize(p: Pipeline, wall_s: float) -> dict:
     for name in (registry.CLIP_MODEL, registry.SD_MODEL):
         for v in client.search_model_versions(f"name = '{name}'"):
             versions.setdefault(name, {})[str(v.version)] = client.get_model_version(name, v.version).aliases
-    decision = r["train"]["synthetic"]
-    ev = r["evaluate"]
+    decision, ev, made, manifest_ref = r["train"], r["evaluate"], r["judge"], r["manifest"]
     return {
         "profile": p.profile.get("name"),
         "attempt": p.attempt,
-        "counts": {"split_class": r["manifest"]["counts"]["split_class"], "source": {
-            **r["manifest"]["counts"]["source"], "synthetic": sum(r["generate"]["counts"].values())}},
-        "synthetic": {"count": r["generate"]["counts"], "adapter": r["generate"]["adapter"],
-                      "quality": r.get("judge") or r["generate"].get("quality", {}), "admitted": decision["admitted"],
-                      "policy": decision["policy"], "rule": decision.get("rule")},
-        "best_hyperparameters": r["tune"].get("best_config") if not r["tune"].get("skipped") else None,
-        "val": {"with_synthetic": decision["val_macro_f1_with"], "without_synthetic": decision["val_macro_f1_without"]},
-        "test": {"with_synthetic": _test_block(ev["with_synthetic"]),
-                 "without_synthetic": _test_block(ev["without_synthetic"]),
-                 "zero_shot": _test_block(ev["zero_shot"])},
-        "registry": {"versions": versions, "promoted": {"model_uri": r["train"]["model_uri"],
-                                                        "alias": r["train"].get("alias")}},
-        "endpoint": {"url": r["serve"]["url"], "answer": r["serve"]["answer"], "curl": r["serve"]["curl"]},
+        "counts": {"split_class": manifest_ref.counts["split_class"], "source": {
+            **manifest_ref.counts["source"], "synthetic": sum(made.counts.values())}},
+        "synthetic": {"count": made.counts, "adapter": made.adapter, "quality": made.quality,
+                      "admitted": decision.admitted, "policy": decision.policy, "rule": decision.rule},
+        "best_hyperparameters": r["tune"].best_config,
+        "val": {"with_synthetic": decision.with_synthetic.score, "without_synthetic": decision.without_synthetic.score},
+        "test": {"with_synthetic": _test_block(ev.with_synthetic),
+                 "without_synthetic": _test_block(ev.without_synthetic),
+                 "zero_shot": _test_block(ev.zero_shot)},
+        "registry": {"versions": versions, "promoted": {"model_uri": decision.chosen.model.uri,
+                                                        "alias": decision.chosen.model.alias}},
+        "endpoint": {"url": r["serve"].url, "answer": r["serve"].answer, "curl": r["serve"].curl},
         "overrides": p.args.overrides,
         "seconds": p.seconds,
         "wall_s": round(wall_s, 2),
@@ -386,16 +402,16 @@ def main(argv=None):
 
         console.setup(args.verbose, job_name=f"pipeline {out.name}")
         p = Pipeline(out, profile, args)
-        p.stage("data", lambda: _data(p))
-        p.stage("manifest", lambda: _manifest(p))
+        p.stage("data", lambda: _data(p), DataSource)
+        p.stage("manifest", lambda: _manifest(p), ManifestRef)
         warm = _warm_clip(p)
-        p.stage("finetune_diffusion", lambda: _finetune(p))
-        p.stage("generate", lambda: _generate(p))
-        p.stage("tune", lambda: _tune(p))
-        p.stage("train", lambda: _train(p))
-        p.stage("judge", lambda: _judge(p))
-        p.stage("evaluate", lambda: _evaluate(p))
-        p.stage("serve", lambda: _serve(p))
+        p.stage("finetune_diffusion", lambda: _finetune(p), TrainedRun)
+        p.stage("generate", lambda: _generate(p), SyntheticSet)
+        p.stage("tune", lambda: _tune(p), SearchResult)
+        p.stage("train", lambda: _train(p), SyntheticDecision)
+        p.stage("judge", lambda: _judge(p), SyntheticSet)
+        p.stage("evaluate", lambda: _evaluate(p), SplitEvaluation)
+        p.stage("serve", lambda: _serve(p), EndpointCheck)
         if warm is not None:
             warm.join()
     summary = summarize(p, time.perf_counter() - started)

@@ -22,7 +22,7 @@ from conftest import REPO, phantom_manifest_in
 
 from jobs import finetune_diffusion as finetune_job
 from jobs import generate as generate_job
-from pneumoray import diffusion, generation, models, registry
+from pneumoray import diffusion, generation, models, registry, results
 from pneumoray.data import manifest
 from pneumoray.profiles import load_profile
 
@@ -271,10 +271,18 @@ def test_if_not_worse_admits_only_a_gain_of_at_least_the_margin(with_, margin, a
 def test_the_decision_records_its_rule_and_the_profile_sets_the_margin():
     from pneumoray import synthetic_gate
 
-    decision = synthetic_gate.decide("if_not_worse", 8, {"val_macro_f1": 0.9, "model_uri": "a", "run_id": "1"},
-                                {"val_macro_f1": 0.905, "model_uri": "b", "run_id": "2"}, register=False, margin=0.01)
-    assert decision["model_uri"] == "a" and decision["synthetic"]["admitted"] is False
-    assert decision["synthetic"]["margin"] == 0.01 and "margin +0.010" in decision["synthetic"]["rule"]
+    decision = synthetic_gate.decide("if_not_worse", 8,
+                                     {"val_macro_f1": 0.9, "model_uri": "a", "run_id": "1", "run_name": "x-real-only"},
+                                     {"val_macro_f1": 0.905, "model_uri": "b", "run_id": "2", "run_name": "x-with-synthetic"},
+                                     register=False, margin=0.01)
+    assert decision.chosen.model.uri == "a" and decision.admitted is False
+    assert decision.margin == 0.01 and "margin +0.010" in decision.rule
+    assert decision.with_synthetic.score == 0.905 and decision.without_synthetic.run_id == "1"
+    # what jobs.train writes, and a record that survives the pipeline's JSON round trip
+    summary = decision.summary()
+    assert summary["model_uri"] == "a" and summary["synthetic"]["val_macro_f1_with"] == 0.905
+    assert summary["synthetic"]["with_synthetic"]["model_uri"] == "b" and summary["synthetic"]["admitted"] is False
+    assert results.from_json(results.SyntheticDecision, json.loads(json.dumps(results.to_json(decision)))) == decision
     assert synthetic_gate.choose("always", {"val_macro_f1": 1}, {"val_macro_f1": 0})[0] is True
     assert synthetic_gate.choose("never", {"val_macro_f1": 0}, {"val_macro_f1": 1})[0] is False
     with pytest.raises(ValueError, match="train.synthetic"):

@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -33,6 +32,7 @@ from PIL import Image
 from . import diffusion, models
 from .data.labels import class_names, parse_classes
 from .data.manifest import COLUMNS, DataError, summarize
+from .results import SyntheticSet
 
 GENERATOR_JSON = "generator.json"  # inside the logged model: base model, prompts, resolution
 PLAN_JSON = "generation.json"      # inside an output folder: what decides the pixels
@@ -357,25 +357,6 @@ def synthetic_report(frame: pd.DataFrame, classes: list[str], settings: dict) ->
 
 
 # ----------------------------------------------------------------------------- the stage
-
-@dataclass
-class SyntheticSet:
-    """What the generate stage made: a folder with images/, manifest.parquet, summary.json, samples.png."""
-
-    out: str
-    manifest: str
-    planned: int
-    made_now: int
-    counts: dict            # images per class in the folder
-    adapter: str            # the adapter's URI (a pinned registry version), or "none"
-    adapter_version: str | None
-    generate_s: float
-    images_per_s: float | None
-    quality: dict = field(default_factory=dict)  # per class: FD / KID (and base, floor), label fidelity
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def make_synthetic_set(profile: dict, out: str | Path, *, classes: list[str], adapter_ref: str | None,
                        real: tuple[pd.DataFrame, dict] | None = None, counts: dict[str, int] | None = None,

@@ -22,6 +22,7 @@ import pandas as pd
 
 from . import registry, training
 from .data.manifest import summarize
+from .results import SyntheticDecision, TrainedRun
 
 POLICIES = ("always", "if_not_worse", "never")
 
@@ -95,8 +96,8 @@ def choose(policy: str, without: dict, with_: dict, margin: float = DEFAULT_MARG
 
 
 def decide(policy: str, n_synthetic: int, without: dict, with_: dict, register: bool = True,
-           margin: float = DEFAULT_MARGIN) -> dict:
-    """The admitted run's summary (registered and promoted when ``register``) with the decision."""
+           margin: float = DEFAULT_MARGIN) -> SyntheticDecision:
+    """The decision, with the admitted run (registered and promoted when ``register``)."""
     admitted, rule = choose(policy, without, with_, margin)
     chosen = dict(with_ if admitted else without)
     print(f"[pneumoray] synthetic images {'admitted' if admitted else 'left out'} ({rule})")
@@ -104,14 +105,14 @@ def decide(policy: str, n_synthetic: int, without: dict, with_: dict, register: 
         version, alias = register_logged(chosen["model_uri"], chosen["run_id"], chosen["val_macro_f1"],
                                          f"synthetic images {'admitted' if admitted else 'left out'} by {rule}")
         chosen.update(model_uri=f"models:/{registry.CLIP_MODEL}/{version}", version=version, alias=alias)
-    decision = {"policy": policy, "margin": margin, "rule": rule, "images": n_synthetic, "admitted": admitted,
-                "val_macro_f1_with": with_["val_macro_f1"], "val_macro_f1_without": without["val_macro_f1"],
-                "with_synthetic": with_, "without_synthetic": without}
-    return {**chosen, "synthetic": decision}
+    return SyntheticDecision(policy=policy, rule=rule, images=n_synthetic, admitted=admitted, margin=margin,
+                             chosen=TrainedRun.of(chosen), without_synthetic=TrainedRun.of(without),
+                             with_synthetic=TrainedRun.of(with_))
 
 
 def fit(profile: dict, frame: pd.DataFrame, report: dict, run_name: str, register: bool = True) -> dict:
-    """training.fit under the profile's synthetic-data policy; the summary says what was decided."""
+    """training.fit under the profile's synthetic-data policy: the kept run's summary, with what was
+    decided under "synthetic" (jobs.train prints and writes it; SyntheticDecision.summary)."""
     policy = profile["train"].get("synthetic", "if_not_worse")
     if policy not in POLICIES:
         raise ValueError(f"train.synthetic is {policy!r}; use one of {POLICIES}")
@@ -119,10 +120,11 @@ def fit(profile: dict, frame: pd.DataFrame, report: dict, run_name: str, registe
     n_synthetic = int(is_synthetic.sum())
     if n_synthetic == 0 or policy == "always":
         summary = training.fit(profile, frame, report, run_name, register=register)
-        return {**summary, "synthetic": {"policy": policy, "images": n_synthetic, "admitted": n_synthetic > 0}}
+        return SyntheticDecision(policy, f"train.synthetic: {policy}", n_synthetic, n_synthetic > 0,
+                                 TrainedRun.of(summary)).summary()
     if policy == "never":
         real = frame[~is_synthetic].reset_index(drop=True)
         summary = training.fit(profile, real, _subset_report(report, real), run_name, register=register)
-        return {**summary, "synthetic": {"policy": policy, "images": n_synthetic, "admitted": False}}
+        return SyntheticDecision(policy, f"train.synthetic: {policy}", n_synthetic, False, TrainedRun.of(summary)).summary()
     return decide(policy, n_synthetic, *fit_both(profile, frame, report, run_name), register=register,
-                  margin=float(profile["train"].get("synthetic_margin", DEFAULT_MARGIN)))
+                  margin=float(profile["train"].get("synthetic_margin", DEFAULT_MARGIN))).summary()

@@ -15,6 +15,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,21 @@ PHANTOM_MARKER = "phantoms.json"  # written by jobs.phantoms at the root of a ph
 
 class DataError(ValueError):
     pass
+
+
+class Manifest(NamedTuple):
+    """A manifest's rows and its report (what was indexed, split how, skipped why). A tuple, so
+    ``frame, report = manifest.load(...)`` reads as before; ``.frame`` and ``.report`` name the parts."""
+
+    frame: pd.DataFrame
+    report: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return self.report["classes"]
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name]
 
 
 class PatientFallbackWarning(UserWarning):
@@ -143,8 +159,8 @@ def apply_label_set(frame: pd.DataFrame, classes) -> tuple[pd.DataFrame, dict[st
 
 
 def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source: str | None = None, *,
-          drop_test_patients: bool = True, labels=None):
-    """(manifest DataFrame, report dict) for a Kermany-style folder (or one listed by a labels CSV)."""
+          drop_test_patients: bool = True, labels=None) -> Manifest:
+    """The manifest (rows, report) for a Kermany-style folder (or one listed by a labels CSV)."""
     mapping = parse_classes(classes)
     frame, skipped = index_folder(root, source=source, labels=labels)
     if frame.empty:
@@ -181,7 +197,7 @@ def build(root, classes=None, val_fraction: float = 0.15, seed: int = 0, source:
         "labels_file": str(Path(labels).resolve()) if labels else None,
         "skipped": skipped,
     }
-    return frame, report
+    return Manifest(frame, report)
 
 
 def summarize(frame: pd.DataFrame) -> dict:
@@ -224,7 +240,7 @@ def write(frame: pd.DataFrame, report: dict, out: str | Path) -> Path:
     return out
 
 
-def read(path: str | Path) -> tuple[pd.DataFrame, dict]:
+def read(path: str | Path) -> Manifest:
     """(frame, metadata) of a manifest written by `write` (or by jobs.generate)."""
     path = Path(path)
     if not path.is_file():
@@ -237,11 +253,11 @@ def read(path: str | Path) -> tuple[pd.DataFrame, dict]:
     if missing:
         raise DataError(f"{path} is not a pneumoray manifest: columns {sorted(missing)} are missing")
     meta = json.loads((table.schema.metadata or {}).get(b"pneumoray", b"{}"))
-    return table.to_pandas(), meta
+    return Manifest(table.to_pandas(), meta)
 
 
 def load(data, classes=None, val_fraction: float = 0.15, seed: int = 0, *,
-         drop_test_patients: bool = True) -> tuple[pd.DataFrame, dict]:
+         drop_test_patients: bool = True) -> Manifest:
     """A manifest for `--data`: a folder (indexed now) or a manifest file, under a label set.
 
     Rows outside the label set are left out and counted in the returned report.
@@ -256,11 +272,11 @@ def load(data, classes=None, val_fraction: float = 0.15, seed: int = 0, *,
         raise DataError(f"no images of classes {class_names(mapping)} in {path}")
     report = {**meta, "data": str(path.resolve()), "classes": class_names(mapping), "label_set": mapping,
               "images": len(frame), "counts": summarize(frame), "excluded_by_label_set": excluded}
-    return frame, report
+    return Manifest(frame, report)
 
 
 def load_sources(sources, classes=None, val_fraction: float = 0.15, seed: int = 0, *,
-                 drop_test_patients: bool = True) -> tuple[pd.DataFrame, dict]:
+                 drop_test_patients: bool = True) -> Manifest:
     """Several `--data` sources as one manifest: real or phantom data plus synthetic manifests.
 
     Synthetic images only ever enter the training split: whatever split a synthetic row carries,
@@ -278,4 +294,4 @@ def load_sources(sources, classes=None, val_fraction: float = 0.15, seed: int = 
               "classes": class_names(mapping), "label_set": mapping,
               "excluded_by_label_set": {k: sum(r["excluded_by_label_set"].get(k, 0) for r in reports)
                                         for k in {k for r in reports for k in r["excluded_by_label_set"]}}}
-    return frame, report
+    return Manifest(frame, report)
