@@ -356,17 +356,11 @@ def main(argv=None) -> int:
     for name in chosen:
         work = Path(tempfile.mkdtemp(prefix=f"pneumoray-fault-{name}-"))
         t = time.perf_counter()
-        saved = {k: os.environ.get(k) for k in ("PNEUMORAY_RUNS", "MLFLOW_TRACKING_URI")}
         try:
             results[name] = runners[name](work)
         except Exception as e:
             results[name] = {"ok": False, "lost": f"the fault run failed: {type(e).__name__}: {e}"[:2000]}
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             shutil.rmtree(work, ignore_errors=True)
         results[name]["wall_s"] = round(time.perf_counter() - t, 1)
         r = results[name]

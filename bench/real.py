@@ -156,14 +156,13 @@ def main(argv=None) -> int:
                             "--val-fraction", str(report["val_fraction"]), "--split-seed", str(report["split_seed"])],
                            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-    os.environ["PNEUMORAY_RUNS"] = str(work)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    tracking.setup_mlflow("bench-real")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        clip_runs = {s: clip_lora(profile, frame, report, s, work, log) for s in seeds}
-    finally:
-        ray.shutdown()
+    with tracking.use_runs_dir(work, tracking.local_store(work)):  # the bench's own store, whatever the env says
+        tracking.setup_mlflow("bench-real")
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            clip_runs = {s: clip_lora(profile, frame, report, s, work, log) for s in seeds}
+        finally:
+            ray.shutdown()
     base = clip_runs[seeds[0]]["base"]
     zs = zero_shot(base, frame, classes)
     log(f"zero_shot: acc {zs['accuracy']:.3f} macro-F1 {zs['macro_f1']:.3f}")

@@ -16,7 +16,6 @@ recorded beside each figure: where the time goes.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -43,15 +42,7 @@ def bench(size: str, quick: bool = False, concurrency=CONCURRENCY, log=print) ->
     p = plan(size, quick)
     images = servers.sample_images(16)
     work = Path(tempfile.mkdtemp(prefix=f"pneumoray-bench-serve-{size}-"))
-    saved = {k: os.environ.get(k) for k in ("PNEUMORAY_RUNS", "MLFLOW_TRACKING_URI")}
-    try:
-        version = servers.register_champion(work / "runs", sizes.clip_ref(size))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    version = servers.register_champion(work / "runs", sizes.clip_ref(size))
     logs = work / "logs"
     logs.mkdir()
     ours = servers.start_ours(work / "runs", logs, settings=OURS_SETTINGS)

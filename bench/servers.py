@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -84,31 +83,30 @@ def register_champion(store: Path, clip_ref: str, seed: int = 1) -> str:
 
     from pneumoray import classifier, models, registry, tracking
 
-    os.environ["PNEUMORAY_RUNS"] = str(store)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    tracking.setup_mlflow()
-    folder = models.resolve_model(clip_ref, "clip")
-    base, processor = models.load_clip(folder)
-    torch.manual_seed(seed)
-    model = classifier.attach_lora(base, {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    mean, std, size = models.image_norm(processor)
-    templates = list(classifier.DEFAULT_TEMPLATES)
-    config = {"classes": CLASSES, "label_set": ",".join(CLASSES), "prompts": classifier.prompts_for(CLASSES, templates),
-              "templates": templates, "base_model": clip_ref if clip_ref == models.TINY else folder,
-              "image_size": size, "mean": list(mean), "std": list(std),
-              "preprocessing": "decode, 8-bit RGB, letterbox, normalise", "temperature": 1.0,
-              "val_macro_f1": 0.5, "epoch": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        with mlflow.start_run(run_name=f"bench-{Path(folder).name}"):
-            info = registry.log_classifier(tmp, config, folder if clip_ref == models.TINY else None)
-    version = str(info.registered_model_version)
-    registry.promote(registry.CLIP_MODEL, version, 0.5)
-    return version
+    with tracking.use_runs_dir(store, tracking.local_store(store)):  # the bench's own store, whatever the env says
+        tracking.setup_mlflow()
+        folder = models.resolve_model(clip_ref, "clip")
+        base, processor = models.load_clip(folder)
+        torch.manual_seed(seed)
+        model = classifier.attach_lora(base, {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0})
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        mean, std, size = models.image_norm(processor)
+        templates = list(classifier.DEFAULT_TEMPLATES)
+        config = {"classes": CLASSES, "label_set": ",".join(CLASSES), "prompts": classifier.prompts_for(CLASSES, templates),
+                  "templates": templates, "base_model": clip_ref if clip_ref == models.TINY else folder,
+                  "image_size": size, "mean": list(mean), "std": list(std),
+                  "preprocessing": "decode, 8-bit RGB, letterbox, normalise", "temperature": 1.0,
+                  "val_macro_f1": 0.5, "epoch": 0}
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            with mlflow.start_run(run_name=f"bench-{Path(folder).name}"):
+                info = registry.log_classifier(tmp, config, folder if clip_ref == models.TINY else None)
+        version = str(info.registered_model_version)
+        registry.promote(registry.CLIP_MODEL, version, 0.5)
+        return version
 
 
 # ----------------------------------------------------------------------------- servers

@@ -21,6 +21,7 @@ tear-down), plus ray.init.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -78,15 +79,17 @@ def _profile(args):
                                  "train.domain_pretrain=null"])  # a speed benchmark: the base weights do not matter
 
 
+@contextlib.contextmanager
 def _mlflow_run(work: Path, name: str):
+    """(run, tracking URI) of an MLflow run in the bench's own store in `work`, whatever the env says."""
     import mlflow
 
     from pneumoray import tracking
 
-    os.environ["PNEUMORAY_RUNS"] = str(work)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    tracking.setup_mlflow("bench")
-    return mlflow.start_run(run_name=name), tracking.tracking_uri()
+    with tracking.use_runs_dir(work, tracking.local_store(work)):
+        tracking.setup_mlflow("bench")
+        with mlflow.start_run(run_name=name) as run:
+            yield run, tracking.tracking_uri()
 
 
 def _steady(epoch_ends: list[float]) -> dict:
@@ -108,8 +111,7 @@ def run_ray(args) -> dict:
     init_s = time.perf_counter() - t
     profile = _profile(args)
     frame, report = _frame(args.manifest, args.max_train, args.max_val)
-    run, uri = _mlflow_run(Path(args.work), "ray")
-    with run:
+    with _mlflow_run(Path(args.work), "ray") as (run, uri):
         t = time.perf_counter()
         inputs = training.prepare_inputs(profile, frame, report)
         prep_s = time.perf_counter() - t
@@ -142,8 +144,7 @@ def run_plain(args) -> dict:
     profile = _profile(args)
     frame, report = _frame(args.manifest, args.max_train, args.max_val)
     classes = report["classes"]
-    run, uri = _mlflow_run(Path(args.work), "plain")
-    with run:
+    with _mlflow_run(Path(args.work), "plain") as (run, uri):
         start = time.time()
         t = time.perf_counter()
         train_rows, weights = training.balance(frame[frame["split"] == "train"], profile["train"]["imbalance"],

@@ -371,8 +371,8 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None):
-    from pneumoray.cli import add_profile_args, user_errors
-    from pneumoray.profiles import apply_overrides, apply_values, load_profile
+    from pneumoray import tracking
+    from pneumoray.cli import add_profile_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder; rerun with the same folder to resume")
@@ -387,7 +387,17 @@ def main(argv=None):
     add_profile_args(parser)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    os.environ.setdefault("PNEUMORAY_RUNS", str(out))  # MLflow store and Ray results in DIR
+    # MLflow store and Ray results in DIR, unless this process was started with a run folder of its own
+    runs = os.environ.get("PNEUMORAY_RUNS") or out
+    with tracking.use_runs_dir(runs):
+        return _run(args, out)
+
+
+def _run(args, out: Path) -> dict:
+    from pneumoray import console
+    from pneumoray.cli import user_errors
+    from pneumoray.profiles import apply_overrides, apply_values, load_profile
+
     started = time.perf_counter()
     with user_errors():
         # The profile's pipeline.overrides (the demo's budget) first, then the user's --set on top
@@ -398,8 +408,6 @@ def main(argv=None):
         args.overrides = [f"{key}={json.dumps(value)}" for key, value in budget.items()] + args.overrides  # the record
         if args.tune is None:
             args.tune = bool(profile["pipeline"]["tune"])
-        from pneumoray import console
-
         console.setup(args.verbose, job_name=f"pipeline {out.name}")
         p = Pipeline(out, profile, args)
         p.stage("data", lambda: _data(p), DataSource)

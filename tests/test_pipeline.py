@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from jobs import pipeline
-from pneumoray import results
+from pneumoray import results, tracking
 from pneumoray.profiles import load_profile
 from pneumoray.stack import free_port
 
@@ -26,6 +26,7 @@ def run(ray_local, tmp_path_factory):
         mp.setenv("PNEUMORAY_RUNS", str(out))
         argv = ["--out", str(out), "--no-tune", "--serve-port", str(free_port()), *SMALL]
         summary = pipeline.main(argv)
+        tracking.setup_mlflow()  # the pipeline gave MLflow back as it found it; the tests read its store
         yield out, summary, argv
 
 

@@ -1,26 +1,68 @@
 """Where runs, checkpoints and the MLflow store live.
 
-MLFLOW_TRACKING_URI wins (an MLflow server, say); without it
-runs go to an embedded SQLite store in the project's run folder (PNEUMORAY_RUNS, default ./runs),
-with artifacts beside it.
+A process is given its run folder once, at its entry point: `use_runs_dir(DIR)` (the pipeline's
+--out, a benchmark's work folder), else PNEUMORAY_RUNS as it started with (what `python -m stack`
+gives the jobs of a cluster), else ./runs. MLflow is MLFLOW_TRACKING_URI when set (a server, say),
+else an embedded SQLite store in the run folder with artifacts beside it. Work that runs elsewhere
+(Ray Train workers, Tune trials, generation actors, remote tasks) is handed the folder and the URI
+explicitly; pneumoray sets no environment variable mid-process (and puts back the ones MLflow sets).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 EXPERIMENT = "pneumoray"
 
+_given: tuple[Path, str | None] | None = None  # (run folder, tracking URI or None) from use_runs_dir
+
 
 def runs_dir() -> Path:
-    path = Path(os.environ.get("PNEUMORAY_RUNS", "runs")).resolve()
+    path = _given[0] if _given else Path(os.environ.get("PNEUMORAY_RUNS", "runs")).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+def local_store(folder: str | Path) -> str:
+    """The embedded SQLite store of a run folder."""
+    return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
+    if _given and _given[1]:
+        return _given[1]
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store(runs_dir())
+
+
+@contextlib.contextmanager
+def use_runs_dir(folder: str | Path, store: str | None = None):
+    """Inside the block this process's runs, checkpoints and (unless MLFLOW_TRACKING_URI names one, or
+    `store`, a tracking URI, is given) its MLflow store are in `folder`; after it, what was before."""
+    global _given
+    before, mlflow_env = _given, {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    _given = (Path(folder).resolve(), store)
+    try:
+        yield _given[0]
+    finally:
+        _given = before
+        # MLflow writes its URIs and experiment into the environment (for child processes) when
+        # setup_mlflow points it somewhere: put back what the block found, and point MLflow there.
+        for k, v in mlflow_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if "mlflow" in sys.modules:
+            import mlflow
+
+            mlflow.set_tracking_uri(mlflow_env["MLFLOW_TRACKING_URI"])
+            mlflow.set_registry_uri(mlflow_env["MLFLOW_REGISTRY_URI"])
+
+
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
 
 
 EXPERIMENT_DESCRIPTION = (
