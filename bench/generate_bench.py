@@ -36,7 +36,7 @@ def plan(size: str, quick: bool) -> dict:
 
 
 def _rows_and_settings(args):
-    from pneumoray import generation
+    from pneumoray.sd import generation
 
     half = args.images // 2
     counts = {"normal": half, "virus": args.images - half}
@@ -68,7 +68,7 @@ def steady_rate(ends: list[float], batch_size: int, workers: int) -> tuple[float
 def run_ray(args) -> dict:
     import ray
 
-    from pneumoray import generation
+    from pneumoray.sd import generation
 
     rows, settings = _rows_and_settings(args)
     out = Path(args.out)
@@ -90,7 +90,7 @@ def run_ray(args) -> dict:
 def run_plain(args) -> dict:
     import torch
 
-    from pneumoray import generation
+    from pneumoray.sd import generation
 
     torch.set_num_threads(args.threads)
     rows, settings = _rows_and_settings(args)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from pneumoray import classifier, diffusion
+from pneumoray import classifier
 from pneumoray.profiles import load_profile
+from pneumoray.sd import diffusion
 
 # openai/clip-vit-large-patch14 and stabilityai/stable-diffusion-2, from their config.json files
 VIT_L14 = {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

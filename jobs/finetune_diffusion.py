@@ -13,9 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from pneumoray import console, diffusion_training, tracking
+from pneumoray import console, tracking
 from pneumoray.cli import add_profile_args, profile_from, user_errors
 from pneumoray.data import manifest
+from pneumoray.sd import finetune
 
 
 def main(argv=None):
@@ -42,7 +43,7 @@ def main(argv=None):
               f"classes {','.join(report['classes'])}, {cfg['epochs']} epochs at {cfg['resolution']} px", flush=True)
         with console.EpochLines(int(cfg["epochs"]), experiment, fields=console.DIFFUSION_FIELDS,
                                 out=lambda line: print(line, flush=True)):
-            summary = diffusion_training.fit(profile, frame, report, run_name, register=not args.no_register)
+            summary = finetune.fit(profile, frame, report, run_name, register=not args.no_register)
     print(_summary_lines(summary, args, time.time() - started), flush=True)
     if args.json:
         print(json.dumps(summary, indent=2))

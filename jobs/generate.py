@@ -20,10 +20,11 @@ import json
 import time
 from pathlib import Path
 
-from pneumoray import console, generation, registry
+from pneumoray import console, registry
 from pneumoray.cli import add_profile_args, profile_from, user_errors
 from pneumoray.data import manifest
 from pneumoray.data.labels import class_names, parse_classes
+from pneumoray.sd import generation
 
 DEFAULT_ADAPTER = f"models:/{registry.SD_MODEL}/latest"
 

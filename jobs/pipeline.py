@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from pneumoray.generation import SyntheticSet
 from pneumoray.results import DataSource, EndpointCheck, ManifestRef, SearchResult, SplitEvaluation, SyntheticDecision, TrainedRun
+from pneumoray.sd.generation import SyntheticSet
 
 STAGES = ("data", "manifest", "finetune_diffusion", "generate", "tune", "train", "judge", "evaluate", "serve")
 
@@ -146,11 +146,11 @@ def _warm_clip(p: Pipeline):
 
 
 def _finetune(p: Pipeline) -> TrainedRun:
-    from pneumoray import diffusion_training
+    from pneumoray.sd import finetune
 
     real = _load(p)
     with _epoch_lines(p, int(p.profile["diffusion"]["epochs"]), "DIFFUSION_FIELDS"):
-        return TrainedRun.of(diffusion_training.fit(p.profile, real.frame, real.report, p.name("pipeline-sd-lora")),
+        return TrainedRun.of(finetune.fit(p.profile, real.frame, real.report, p.name("pipeline-sd-lora")),
                              score="val_loss")
 
 
@@ -163,7 +163,7 @@ def _epoch_lines(p: Pipeline, epochs: int, fields: str):
 
 
 def _generate(p: Pipeline):
-    from pneumoray import generation
+    from pneumoray.sd import generation
 
     real = _load(p)
     counts = p.profile["pipeline"].get("synthetic_counts")
@@ -218,7 +218,7 @@ def _judge(p: Pipeline):
     images only (which exists only after generation)."""
     import dataclasses
 
-    from pneumoray import generation
+    from pneumoray.sd import generation
 
     made = p.results["generate"]
     judged = generation.judge_folder(made.out, p.results["train"].without_synthetic.model.uri,

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from pneumoray import diffusion as d
 from pneumoray import phantoms
 from pneumoray.data import kermany
 from pneumoray.models import load_sd_pipeline
+from pneumoray.sd import diffusion as d
 
 SIZE = 64
 # alpha != r: a saved adapter that lost its alpha would load at the wrong scale.

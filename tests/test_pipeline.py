@@ -50,7 +50,7 @@ def test_summary_has_every_stage_and_both_test_results(run):
         for key in ("label_fidelity", "label_fidelity_base"):
             assert q[key] * 8 == pytest.approx(round(q[key] * 8)) and 0 <= q[key] <= 1
     # label fidelity is judged by the run trained on real images only, and can be recomputed from it
-    from pneumoray import quality
+    from pneumoray.sd import quality
     judge = summary["synthetic"]["quality"]["virus"]["judge"]
     assert judge == summary_models(out)["without_synthetic"]
     synthetic = __import__("pandas").read_parquet(next(out.glob("synthetic*/manifest.parquet")))

@@ -22,9 +22,10 @@ from conftest import REPO, phantom_manifest_in
 
 from jobs import finetune_diffusion as finetune_job
 from jobs import generate as generate_job
-from pneumoray import diffusion, generation, models, registry, results
+from pneumoray import models, registry, results
 from pneumoray.data import manifest
 from pneumoray.profiles import load_profile
+from pneumoray.sd import diffusion, generation
 
 ADAPTER = "models:/pneumonia-sd-lora/latest"
 PLAN = ["--counts", "normal=12,virus=8", "--set", "generate.batch_size=2"]  # 10 batches: time to interrupt

@@ -133,7 +133,7 @@ def adapted_sd(ref: str, paths: list[str], sha256s: list[str], cfg: dict, size: 
     def write(tmp: Path) -> dict:
         from diffusers import StableDiffusionPipeline
 
-        from .diffusion import to_sd_pixels
+        from .sd.diffusion import to_sd_pixels
         from .tiny_pretrain import pretrain_sd
 
         pixels = torch.stack([to_sd_pixels(p, size) for p in paths])

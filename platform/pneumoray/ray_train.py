@@ -1,5 +1,5 @@
 """The Ray Train plumbing that the CLIP trainer (training.py) and the SD LoRA trainer
-(diffusion_training.py) share, and that bench's plain loop reuses for its epochs.
+(sd/finetune.py) share, and that bench's plain loop reuses for its epochs.
 
 On each worker: `resume` (the epoch to start at, with weights, optimizer and scheduler restored from
 Ray Train's last checkpoint), `train_epoch` / `eval_epoch` over an iterable of batches (a Ray Data

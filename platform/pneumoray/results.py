@@ -66,7 +66,7 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """One Ray Train run (training.fit's or diffusion_training.fit's): its MLflow run, model and score."""
+    """One Ray Train run (training.fit's or finetune.fit's): its MLflow run, model and score."""
 
     run_id: str
     run_name: str

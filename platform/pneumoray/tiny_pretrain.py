@@ -180,7 +180,7 @@ def pretrain_sd(pipe, images: torch.Tensor, vae_steps: int = 150, unet_steps: in
     """
     import torch.nn.functional as F
 
-    from . import diffusion
+    from .sd import diffusion
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
-from .data.images import decode, letterbox, to_rgb
+from ..data.images import decode, letterbox, to_rgb
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import diffusion, models, ray_train, registry, tiny_models
-from .data.manifest import DataError, content_hash
+from .. import models, ray_train, registry, tiny_models
+from ..data.manifest import DataError, content_hash
+from . import diffusion
 
 VAL_SEED = 1234  # fixes the VAE samples, noise and timesteps of the validation loss
 
@@ -135,7 +136,7 @@ def _pixels_batch(batch: dict, size: int, classes: list[str]) -> dict:
 
 
 def _dataset(rows: pd.DataFrame, classes: list[str], size: int, materialize: bool, shuffle_seed: int | None = None):
-    from .data import loader
+    from ..data import loader
 
     return loader.decoded_dataset(rows[["path", "class"]], _pixels_batch, {"size": size, "classes": classes}, 64,
                                   materialize=materialize, shuffle_seed=shuffle_seed)
@@ -145,7 +146,7 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
     """Fine-tune the SD LoRA, log it, register it; returns a summary of the run."""
     import mlflow
 
-    from . import tracking
+    from .. import tracking
 
     cfg, hw = profile["diffusion"], profile["hardware"]
     classes = data_report["classes"]
@@ -188,7 +189,7 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
 def _log_loss_curve(run_id: str) -> None:
     import mlflow
 
-    from .plots import curves_png
+    from ..plots import curves_png
 
     client = mlflow.MlflowClient()
     history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in ("train_loss", "val_loss")}

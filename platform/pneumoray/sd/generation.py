@@ -29,10 +29,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from . import diffusion, models
-from .data.labels import class_names, parse_classes
-from .data.manifest import COLUMNS, DataError, summarize
-from .results import SyntheticSet
+from .. import models
+from ..data.labels import class_names, parse_classes
+from ..data.manifest import COLUMNS, DataError, summarize
+from ..results import SyntheticSet
+from . import diffusion
 
 GENERATOR_JSON = "generator.json"  # inside the logged model: base model, prompts, resolution
 PLAN_JSON = "generation.json"      # inside an output folder: what decides the pixels
@@ -153,7 +154,7 @@ def resolve_adapter(ref: str | None) -> dict:
 
 
 def _registry_version(uri: str) -> tuple[str, str]:
-    from .registry import resolve_version
+    from ..registry import resolve_version
 
     try:
         return resolve_version(uri)
@@ -201,7 +202,7 @@ def log_generator(lora_dir: Path, config: dict, base_dir: Path | None, registere
 
     import pneumoray
 
-    from .registry import pip_requirements
+    from ..registry import pip_requirements
 
     with tempfile.TemporaryDirectory() as tmp:
         # MLflow names each artifact after its source's base name: stage them under fixed names,
@@ -367,8 +368,9 @@ def make_synthetic_set(profile: dict, out: str | Path, *, classes: list[str], ad
     real training images, beside the base pipeline's (adapter off) unless ``base`` is False; with
     ``judge_uri`` each class's label fidelity. Tracked as MLflow run ``run_name``; a rerun makes only
     the missing images."""
-    from . import console, quality, tracking
-    from .data import manifest
+    from .. import console, tracking
+    from ..data import manifest
+    from . import quality
 
     out = Path(out).resolve()
     g = profile["generate"]
@@ -463,7 +465,8 @@ def log_quality(result: dict) -> None:
 def judge_folder(out: str | Path, judge_uri: str, run_name: str, say=print) -> dict:
     """Label fidelity for a folder already made (the pipeline's real-only classifier exists only after
     generation): updates its summary.json and its MLflow run; returns the quality."""
-    from . import quality, tracking
+    from .. import tracking
+    from . import quality
 
     out = Path(out)
     summary = json.loads((out / "summary.json").read_text())

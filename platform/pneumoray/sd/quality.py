@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from . import models
-from .data.images import load_preprocessed
+from .. import models
+from ..data.images import load_preprocessed
 
 
 @torch.no_grad()
@@ -90,7 +90,7 @@ def label_fidelity(frame: pd.DataFrame, judge_uri: str) -> dict:
     """Per class of ``frame``: the share of its images that the classifier ``judge_uri`` (a registered
     or logged CLIP LoRA, trained on real images only) assigns to that class. A generator that learned
     the classes scores near 1; one that ignores its prompt scores near the judge's base rates."""
-    from .evaluation import load_model
+    from ..evaluation import load_model
 
     _, judge = load_model(judge_uri)
     out = {}
