@@ -138,7 +138,9 @@ def register_tiny(classes: list[str], score: float, seed: int, workdir: Path) ->
     paths = sorted(KERMANY_SAMPLE.glob("train/*/*.jpeg"))[::8][:120]
     pixels = clf.pixels([p.read_bytes() for p in paths])
     embeddings = clf.embed(pixels)[1]
-    config["ood"] = ood.fit(embeddings[:80], embeddings[80:], ood.colourfulness(pixels[80:], mean, std))
+    layouts = ood.layout(pixels, mean, std)
+    config["ood"] = ood.fit(embeddings[:80], embeddings[80:], ood.colourfulness(pixels[80:], mean, std),
+                            layouts[:80], layouts[80:])
     with mlflow.start_run(run_name=f"serve-test-{seed}"):
         info = registry.log_classifier(adapter, config, base_dir)
     version = str(info.registered_model_version)

@@ -81,7 +81,7 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
         check = self.config.get("ood")
         if check:  # models registered before the check have none
             colour = ood.colourfulness(pixels, self.mean, self.std)
-            score, inside = ood.judge(check, embeddings, colour)
+            score, inside = ood.judge(check, embeddings, colour, ood.layout(pixels, self.mean, self.std))
             frame["in_distribution"] = inside
             frame["ood_score"] = score
             # object, not pandas' string dtype: "no warning" stays None (the string dtype would make it NaN)

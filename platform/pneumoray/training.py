@@ -338,8 +338,9 @@ OOD_MAX_TRAIN_IMAGES = 5000  # enough for a 768-d covariance; a larger training 
 
 
 def fit_ood_check(adapter_dir: Path, model_config: dict, inputs: TrainingInputs) -> dict:
-    """The in-distribution check stored with the model (ood.py): the adapted model's embeddings of the
-    training images (mean, covariance), its threshold from the validation images. Never the test split."""
+    """The in-distribution check stored with the model (ood.py): the adapted model's embeddings and the
+    pixel layouts of the training images (mean, covariance), thresholds from the validation images.
+    Never the test split."""
     from . import ood
     from .pyfunc import ClipLoraClassifier
 
@@ -348,16 +349,17 @@ def fit_ood_check(adapter_dir: Path, model_config: dict, inputs: TrainingInputs)
     clf.load(str(adapter_dir), model_config["base_model"])
 
     def embed(ds, limit=None):
-        embeddings, colour, n = [], [], 0
+        embeddings, colour, layouts, n = [], [], [], 0
         for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
             pixels = batch["pixel_values"]
             embeddings.append(clf.embed(pixels)[1])
             colour.append(ood.colourfulness(pixels, clf.mean, clf.std))
+            layouts.append(ood.layout(pixels, clf.mean, clf.std))
             n += len(pixels)
             if limit and n >= limit:
                 break
-        return np.concatenate(embeddings), np.concatenate(colour)
+        return np.concatenate(embeddings), np.concatenate(colour), np.concatenate(layouts)
 
-    train_embeddings, _ = embed(inputs.datasets["train"], OOD_MAX_TRAIN_IMAGES)  # shuffled: a random sample
-    val_embeddings, val_colour = embed(inputs.datasets["val"])
-    return ood.fit(train_embeddings, val_embeddings, val_colour)
+    train_embeddings, _, train_layouts = embed(inputs.datasets["train"], OOD_MAX_TRAIN_IMAGES)  # shuffled: a random sample
+    val_embeddings, val_colour, val_layouts = embed(inputs.datasets["val"])
+    return ood.fit(train_embeddings, val_embeddings, val_colour, train_layouts, val_layouts)
