@@ -78,8 +78,10 @@ def main(argv=None):
 
     from serve.app import application
 
-    # Serve's HTTP proxy gets our header cap (431) at its start; it inherits this env from the local Ray.
-    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", serving.PROXY_CALLBACK)
+    # Serve's proxy and replicas read these at their start (the header cap, the throughput-optimised
+    # mode); they inherit this env from the local Ray. A value already set wins.
+    for key, value in serving.SERVE_ENV.items():
+        os.environ.setdefault(key, value)
     if args.address:
         # Another cluster: ship this folder (serve/ and the page) like `ray job submit --working-dir .`.
         ray.init(address=args.address, runtime_env={"working_dir": os.getcwd()})

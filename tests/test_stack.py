@@ -95,6 +95,13 @@ def test_cluster_yaml_says_what_we_mean():
     project_at = next(i for i, c in enumerate(lines) if "~/pneumoray" in c and "install" in c)
     assert torch_at < project_at
     assert "torchvision" not in json.dumps(cfg)
+    # Serve's settings (the header cap in the proxy, the throughput-optimised mode) on every node, as
+    # `python -m serve` sets them: proxies and replicas read them at their start.
+    from pneumoray.serving import SERVE_ENV
+
+    for start in (head, worker):
+        for key, value in SERVE_ENV.items():
+            assert f"{key}={value}" in start, key
     # Jobs find the MLflow server on the head; rsync leaves .gitignore'd folders (runs/, .venv/) home.
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in worker and "MLFLOW_TRACKING_URI=" in head
     assert ".gitignore" in cfg["rsync_filter"]
