@@ -8,6 +8,7 @@ an error, not a silently new key); values are parsed as YAML (`3` is an int, `tr
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -43,8 +44,27 @@ def apply_overrides(profile: dict, overrides) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ProfileError(f"bad override {item!r}: write it as section.key=value, e.g. train.lr=1e-4")
-        values.append((key, yaml.safe_load(raw) if raw != "" else None, item))
+        values.append((key, parse_value(raw), item))
     return _set_all(profile, values)
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 as a string: its floats need a dot (1.0e-4). On a command line 1e-4 means the number.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_value(raw: str):
+    """An override's value as YAML (``3`` an int, ``true`` a bool, ``[8, 16]`` a list), ``1e-4`` a float."""
+    return _numbers(yaml.safe_load(raw)) if raw != "" else None
+
+
+def _numbers(value):
+    if isinstance(value, str) and _EXPONENT.fullmatch(value):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
 
 
 def apply_values(profile: dict, values: dict) -> dict:
