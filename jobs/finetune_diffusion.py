@@ -54,9 +54,13 @@ def main(argv=None):
 
 
 def _summary_lines(summary: dict, args, seconds: float) -> str:
-    lines = [f"done in {console.duration(seconds)}: best epoch {summary['best_epoch'] + 1}, val loss "
-             f"{summary['val_loss']:.4f}" + (f" (untrained adapter {summary['val_loss_initial']:.4f})"
-                                             if summary.get("val_loss_initial") is not None else "")]
+    def figure(key, digits):
+        initial = summary.get(f"{key}_initial")
+        return f"{summary[key]:.{digits}f}" + (f" (untrained adapter {initial:.{digits}f})" if initial is not None else "")
+
+    lines = [f"done in {console.duration(seconds)}: best epoch {summary['best_epoch'] + 1} by "
+             f"{summary.get('selected_by', 'val_loss')}, val loss {figure('val_loss', 4)}"
+             + (f", class gain {figure('val_class_gain', 5)}" if summary.get("val_class_gain") is not None else "")]
     if summary.get("version"):
         lines.append(f"registered pneumonia-sd-lora version {summary['version']} ({summary['model_uri']})")
     if summary.get("run_id"):

@@ -70,7 +70,8 @@ def duration(seconds: float) -> str:
 
 
 CLASSIFIER_FIELDS = (("train_loss", "train loss"), ("val_accuracy", "val accuracy"), ("val_macro_f1", "val macro-F1"))
-DIFFUSION_FIELDS = (("train_loss", "train loss"), ("val_loss", "val loss"))
+# the class gain is a small difference of losses (see sd/finetune.py): four significant digits, not three decimals
+DIFFUSION_FIELDS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("val_class_gain", "class gain", ".4g"))
 
 
 class EpochLines(threading.Thread):
@@ -103,7 +104,7 @@ class EpochLines(threading.Thread):
             if not new:
                 continue
             values = {key: {m.step: m.value for m in self.client.get_metric_history(run.info.run_id, key)}
-                      for key, _ in self.fields[:-1]}
+                      for key, *_ in self.fields[:-1]}
             values[last] = history
             for step in new:
                 now, done = time.time(), step + 1
@@ -113,8 +114,8 @@ class EpochLines(threading.Thread):
                 # start-up, such as a base model's pretraining, so it gives no estimate)
                 left = (f", ~{duration((now - t0) / (done - e0) * (self.epochs - done))} left"
                         if done > e0 else "")
-                figures = ", ".join(f"{label} {values[key][step]:.3f}" for key, label in self.fields
-                                    if step in values[key])
+                figures = ", ".join(f"{field[1]} {values[field[0]][step]:{field[2] if len(field) > 2 else '.3f'}}"
+                                    for field in self.fields if step in values[field[0]])
                 self.out(f"[{run.info.run_name}] epoch {done}/{self.epochs}: {figures}"
                          f"  ({duration(elapsed)} elapsed{left})")
             self.seen[run.info.run_id] = max(new) + 1

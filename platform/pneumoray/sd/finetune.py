@@ -5,8 +5,9 @@ The driver turns the manifest's training and validation rows into Ray Datasets o
 and a TorchTrainer; each worker loads the pipeline, adds the LoRA (``diffusion.add_unet_lora``) and
 trains on the diffusion objective (``diffusion.train_step``). After every epoch it scores the
 validation images with a fixed-seed diffusion loss (same latents, noise and timesteps every time,
-so epochs compare) and reports a checkpoint holding the adapter in diffusers' format, the optimizer
-and the epoch. Crashes restart from the last checkpoint; the same run name continues the run.
+so epochs compare), under each image's own class prompt and under the others' (the class gain,
+which picks the epoch), and reports a checkpoint holding the adapter in diffusers' format, the
+optimizer and the epoch. Crashes restart from the last checkpoint; the same run name continues the run.
 """
 
 from __future__ import annotations
@@ -29,17 +30,36 @@ VAL_SEED = 1234  # fixes the VAE samples, noise and timesteps of the validation 
 
 # ----------------------------------------------------------------------------- on each worker
 
-def _val_loss(parts, val_shard, texts, cfg, device, autocast) -> float:
-    """Mean fixed-seed diffusion loss over the validation images (no grad, eval mode)."""
-    parts.unet.eval()
+def _val_scores(parts, val_shard, texts, cfg, device, autocast) -> dict:
+    """Fixed-seed diffusion losses over the validation images (no grad, eval mode).
 
-    def loss(i, batch):  # batch i draws the same noise and timesteps every epoch
-        value = diffusion.diffusion_loss(parts, batch["pixel_values"], texts[batch["label"]], generator=VAL_SEED + i)
-        return float(value), len(batch["label"])
+    ``val_loss``: with each image's own class prompt. ``val_class_gain``: how much higher the loss is
+    with another class's prompt, same latents, noise and timesteps (a diffusion classifier's margin).
+    The plain loss hardly moves in a LoRA fine-tune, since the base already denoises X-rays; the gain
+    is what the adapter has learned about the classes, which is what it is for. nan with one class.
+    """
+    parts.unet.eval()
+    n = len(texts)
+
+    def score(i, batch):  # batch i draws the same noise and timesteps every epoch, whatever the prompt
+        pixels, labels = batch["pixel_values"], batch["label"]
+        right = float(diffusion.diffusion_loss(parts, pixels, texts[labels], generator=VAL_SEED + i))
+        wrong = [float(diffusion.diffusion_loss(parts, pixels, texts[(labels + k) % n], generator=VAL_SEED + i))
+                 for k in range(1, n)]
+        return right, (float(np.mean(wrong)) - right) if wrong else float("nan"), len(labels)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        scored = ray_train.eval_epoch(val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device), loss)
-    return float(np.average([s[0] for s in scored], weights=[s[1] for s in scored])) if scored else float("nan")
+        scored = ray_train.eval_epoch(val_shard.iter_torch_batches(batch_size=cfg["batch_size"], device=device), score)
+    if not scored:
+        return {"val_loss": float("nan"), "val_class_gain": float("nan")}
+    weights = [s[2] for s in scored]
+    return {"val_loss": float(np.average([s[0] for s in scored], weights=weights)),
+            "val_class_gain": float(np.average([s[1] for s in scored], weights=weights))}
+
+
+def selection(classes: list[str]) -> tuple[str, str]:
+    """(metric, mode) that picks the adapter's epoch: the class gain where there are classes to tell apart."""
+    return ("val_class_gain", "max") if len(classes) > 1 else ("val_loss", "min")
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -65,7 +85,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         diffusion.enable_memory_savers(pipe.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     total = cfg["steps_per_epoch"] * cfg["epochs"]
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=min(cfg["warmup_steps"], total),
+    scheduler = get_scheduler(cfg["lr_schedule"], optimizer, num_warmup_steps=min(cfg["warmup_steps"], total),
                               num_training_steps=total)
     scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
 
@@ -84,8 +104,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     if start_epoch:
         ray_train.log_epoch(client, cfg["mlflow_run_id"], {"resumed_at_epoch": start_epoch}, start_epoch)
     elif client:  # the untrained adapter's score: what training must beat
-        ray_train.log_epoch(client, cfg["mlflow_run_id"],
-                            {"val_loss_initial": _val_loss(parts, val_shard, texts, cfg, device, half)}, 0)
+        initial = _val_scores(parts, val_shard, texts, cfg, device, half)
+        ray_train.log_epoch(client, cfg["mlflow_run_id"], {f"{k}_initial": v for k, v in initial.items()}, 0)
 
     gen = torch.Generator(device=device)
 
@@ -98,7 +118,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch, batches in epochs:
         gen.manual_seed(cfg["seed"] * 100_003 + epoch)  # a resumed epoch draws the same noise
         values = {"epoch": epoch, "train_loss": ray_train.train_epoch(batches, step, scheduler),
-                  "val_loss": _val_loss(parts, val_shard, texts, cfg, device, half), "lr": scheduler.get_last_lr()[0]}
+                  **_val_scores(parts, val_shard, texts, cfg, device, half), "lr": scheduler.get_last_lr()[0]}
         ray_train.log_epoch(client, cfg["mlflow_run_id"], values, epoch)
         if client:
             with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
@@ -175,15 +195,17 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
                       "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri()}
         datasets = {"train": _dataset(train_rows, classes, size, cfg["materialize"], shuffle_seed=int(cfg["seed"])),
                     "val": _dataset(val_rows, classes, size, cfg["materialize"])}
+        metric, mode = selection(classes)
         trainer = ray_train.torch_trainer(train_loop_per_worker, worker_cfg, hw, run_name=run_name,
                                           storage_path=tracking.runs_dir() / "ray_results", datasets=datasets,
-                                          score="val_loss", mode="min", max_failures=int(cfg["max_failures"]))
-        best = ray_train.best_checkpoint(trainer.fit(), "val_loss", "min")
+                                          score=metric, mode=mode, max_failures=int(cfg["max_failures"]))
+        best = ray_train.best_checkpoint(trainer.fit(), metric, mode)
         summary = _finish(best, profile, base, classes, prompts, run_id, register)
         _log_loss_curve(run_id)
-    initial = mlflow.MlflowClient().get_metric_history(run_id, "val_loss_initial")
-    return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes,
-            "val_loss_initial": initial[0].value if initial else None}
+    client = mlflow.MlflowClient()
+    initial = {k: client.get_metric_history(run_id, f"{k}_initial") for k in ("val_loss", "val_class_gain")}
+    return {**summary, "run_id": run_id, "run_name": run_name, "classes": classes, "selected_by": metric,
+            **{f"{k}_initial": h[0].value if h else None for k, h in initial.items()}}
 
 
 def _log_loss_curve(run_id: str) -> None:
@@ -217,16 +239,18 @@ def _finish(checkpoint, profile, base, classes, prompts, run_id, register) -> di
     cfg = profile["diffusion"]
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, ray_train.STATE).read_text())
-        summary = {"best_epoch": state["epoch"], "val_loss": state["val_loss"], "train_loss": state["train_loss"]}
+        summary = {"best_epoch": state["epoch"], "val_loss": state["val_loss"], "train_loss": state["train_loss"],
+                   "val_class_gain": state.get("val_class_gain")}
         existing = registry.version_of_checkpoint(registry.SD_MODEL, checkpoint.path) if register else None
         if existing is not None:  # a rerun of a finished run: already registered
             return {**summary, "model_uri": f"models:/{registry.SD_MODEL}/{existing.version}", "version": str(existing.version)}
-        mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_loss": state["val_loss"]})
+        mlflow.log_metrics({"best_epoch": state["epoch"], "best_val_loss": state["val_loss"],
+                            **({"best_val_class_gain": state["val_class_gain"]} if state.get("val_class_gain") is not None else {})})
         base_ref = profile["models"]["sd"]
         config = {"base_model": base_ref, "pretrained_on_training_split": base != base_ref, "classes": classes,
                   "prompts": dict(zip(classes, prompts)), "template": cfg["template"], "resolution": int(cfg["resolution"]),
                   "lora": cfg["lora"],
-                  "epoch": state["epoch"], "val_loss": state["val_loss"]}
+                  "epoch": state["epoch"], "val_loss": state["val_loss"], "val_class_gain": state.get("val_class_gain")}
         # A base built on this machine (tiny, or pretrained on the training split) travels with the adapter.
         base_dir = models.resolve_model(base, "sd") if base == models.TINY or tiny_models.is_built_here(base) else None
         info = log_generator(Path(d, "lora"), config, base_dir, registry.SD_MODEL if register else None)
