@@ -244,7 +244,8 @@ def _finish(checkpoint, profile, base, classes, prompts, run_id, register) -> di
         existing = registry.version_of_checkpoint(registry.SD_MODEL, checkpoint.path) if register else None
         if existing is not None:  # a rerun of a finished run: already registered
             return {**summary, "model_uri": f"models:/{registry.SD_MODEL}/{existing.version}", "version": str(existing.version)}
-        best = {"best_epoch": state["epoch"], "best_val_loss": state["val_loss"], "best_val_class_gain": state.get("val_class_gain")}
+        best = {"best_epoch": state["epoch"], "best_val_loss": state["val_loss"],
+                "best_val_class_gain": state.get("val_class_gain")}
         mlflow.log_metrics({k: v for k, v in best.items() if v is not None})
         base_ref = profile["models"]["sd"]
         config = {"base_model": base_ref, "pretrained_on_training_split": base != base_ref, "classes": classes,
