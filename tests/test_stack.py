@@ -126,6 +126,18 @@ def test_mlflow_credentials_are_made_once_private_and_exported(tmp_path):
     assert proc.returncode == 1 and f"chmod 600 {creds}" in proc.stderr
 
 
+def test_the_stacks_ray_head_gets_serves_settings(tmp_path, monkeypatch):
+    from pneumoray.serving import SERVE_ENV
+
+    for key in SERVE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    state = {"dir": str(tmp_path), "token_path": str(tmp_path / "token"), "urls": {"mlflow": "http://127.0.0.1:1"}}
+    env = stack.head_env(state, sys.executable)
+    assert {key: env[key] for key in SERVE_ENV} == SERVE_ENV  # an endpoint on the stack gets the header cap
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")  # the user's own choice wins
+    assert stack.head_env(state, sys.executable)["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+
+
 def test_runtime_env_ships_the_library():
     env = yaml.safe_load(RUNTIME_ENV.read_text())
     assert env["py_modules"] == ["platform/pneumoray"]

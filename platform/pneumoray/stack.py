@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import mlflow_auth
+from .serving import SERVE_ENV
 
 DEFAULT_DIR = "runs/stack"
 HOST = "127.0.0.1"
@@ -358,6 +359,9 @@ def head_env(state: dict, python: str) -> dict[str, str]:
         "PNEUMORAY_RUNS": str(Path(state["dir"]) / "runs"),
         # `python` in a job's entrypoint is the interpreter that runs Ray.
         "PATH": str(Path(python).parent) + os.pathsep + os.environ.get("PATH", ""),
+        # Serve's proxy and replicas read these at their start: the header cap, the throughput-optimised
+        # mode (as `python -m serve` and cluster.yaml set them); a value in the caller's shell wins.
+        **{key: os.environ.get(key, value) for key, value in SERVE_ENV.items()},
     })
     return env
 
