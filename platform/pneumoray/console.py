@@ -69,9 +69,12 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-CLASSIFIER_FIELDS = (("train_loss", "train loss"), ("val_accuracy", "val accuracy"), ("val_macro_f1", "val macro-F1"))
+# (metric, label, format) per figure of an epoch line
+CLASSIFIER_FIELDS = (("train_loss", "train loss", ".3f"), ("val_accuracy", "val accuracy", ".3f"),
+                     ("val_macro_f1", "val macro-F1", ".3f"))
 # the class gain is a small difference of losses (see sd/finetune.py): four significant digits, not three decimals
-DIFFUSION_FIELDS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("val_class_gain", "class gain", ".4g"))
+DIFFUSION_FIELDS = (("train_loss", "train loss", ".3f"), ("val_loss", "val loss", ".3f"),
+                    ("val_class_gain", "class gain", ".4g"))
 
 
 class EpochLines(threading.Thread):
@@ -79,7 +82,7 @@ class EpochLines(threading.Thread):
 
     Follows every run of `experiment_id` that starts after this object (the runs with and without
     synthetic images train side by side, a search's trials); `epochs` is the budget of each. An epoch
-    counts once its last field (``fields``: metric key, label) is logged.
+    counts once its last field (``fields``: metric key, label, format) is logged.
     """
 
     def __init__(self, epochs: int, experiment_id: str, fields=CLASSIFIER_FIELDS, poll_s: float = 2.0, out=print):
@@ -114,8 +117,8 @@ class EpochLines(threading.Thread):
                 # start-up, such as a base model's pretraining, so it gives no estimate)
                 left = (f", ~{duration((now - t0) / (done - e0) * (self.epochs - done))} left"
                         if done > e0 else "")
-                figures = ", ".join(f"{field[1]} {values[field[0]][step]:{field[2] if len(field) > 2 else '.3f'}}"
-                                    for field in self.fields if step in values[field[0]])
+                figures = ", ".join(f"{label} {values[key][step]:{fmt}}" for key, label, fmt in self.fields
+                                    if step in values[key])
                 self.out(f"[{run.info.run_name}] epoch {done}/{self.epochs}: {figures}"
                          f"  ({duration(elapsed)} elapsed{left})")
             self.seen[run.info.run_id] = max(new) + 1

@@ -101,8 +101,7 @@ def fit(train_embeddings: np.ndarray, val_embeddings: np.ndarray, val_colour: np
         check["layout"] = _gaussian(train_layout)
         check["layout"]["threshold"] = float(np.quantile(distance(check["layout"], val_layout), QUANTILE))
         # one threshold for the pair, so that validation is flagged QUANTILE's share, not twice that
-        check["joint_threshold"] = 1.0
-        check["joint_threshold"] = float(np.quantile(score_of(check, val_embeddings, val_layout), QUANTILE))
+        check["joint_threshold"] = float(np.quantile(_larger_distance(check, val_embeddings, val_layout), QUANTILE))
     check["max_colour"] = float(max(MIN_COLOUR, 2 * np.quantile(np.asarray(val_colour), 0.999)))
     return check
 
@@ -118,13 +117,17 @@ def distance(gaussian: dict, x: np.ndarray) -> np.ndarray:
     return np.sqrt(d2)
 
 
+def _larger_distance(check: dict, embeddings: np.ndarray, layouts: np.ndarray) -> np.ndarray:
+    """(N,) the larger of the embedding and layout distances, each over its own validation threshold."""
+    return np.maximum(distance(check, embeddings) / check["threshold"],
+                      distance(check["layout"], layouts) / check["layout"]["threshold"])
+
+
 def score_of(check: dict, embeddings: np.ndarray, layouts: np.ndarray | None = None) -> np.ndarray:
     """(N,) the out-of-distribution score: above 1 is out. Checks fitted before the layout have none."""
-    score = distance(check, embeddings) / check["threshold"]
     if "layout" in check:
-        score = np.maximum(score, distance(check["layout"], layouts) / check["layout"]["threshold"])
-        score = score / check["joint_threshold"]
-    return score
+        return _larger_distance(check, embeddings, layouts) / check["joint_threshold"]
+    return distance(check, embeddings) / check["threshold"]
 
 
 def judge(check: dict, embeddings: np.ndarray, colour: np.ndarray,
