@@ -77,8 +77,19 @@ def test_space_and_plan_come_from_the_profile():
     gpu = load_profile("rtx3090")
     assert search.plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})["max_concurrent"] == 2  # one GPU per trial
     assert search.plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})["limited_by"] == "GPU"
+    # A Ray this process started cannot grow: a trial that does not fit is an error at once.
     with pytest.raises(ProfileError, match="cannot run one trial"):
-        search.plan_resources(gpu, {"CPU": 64.0})
+        search.plan_resources(gpu, {"CPU": 64.0}, can_grow=False)
+    # An autoscaling cluster without a GPU node yet (cluster.yaml: a CPU head, up to 4 GPU workers): the
+    # plan counts the nodes it may add, and says how many trials fit now.
+    up_to_4 = {"CPU": 4.0 + 4 * 8.0, "GPU": 4.0}
+    plan = search.plan_resources(gpu, {"CPU": 4.0}, most=up_to_4)
+    assert plan["max_concurrent"] == 3 and plan["now"] == 0  # (36 - 2 reserved) / (1 + 8) CPUs
+    with pytest.raises(ProfileError, match="has at most"):
+        search.plan_resources(gpu, {"CPU": 4.0}, most={"CPU": 36.0})  # an autoscaler that never adds a GPU
+    # Nodes may join but their limit is unknown (no autoscaler): one trial, once a node joins.
+    plan = search.plan_resources(gpu, {"CPU": 4.0})
+    assert plan["max_concurrent"] == 1 and plan["now"] == 0
 
 
 def test_child_runs_hold_params_and_per_epoch_metrics(searched):

@@ -97,8 +97,9 @@ def apply_params(profile: dict, params: dict) -> dict:
     return profile
 
 
-def plan_resources(profile: dict, cluster: dict) -> dict:
-    """Per-trial resources and how many trials run at once, from the cluster's resources.
+def plan_resources(profile: dict, now: dict, most: dict | None = None, can_grow: bool = True) -> dict:
+    """Per-trial resources and how many trials run at once: planned from what the profile asks for and
+    what the cluster has ``now`` or can grow to (``most``: its autoscaler's limit, None without one).
 
     A trial is a Tune actor (the trial driver: it builds the TorchTrainer and waits on it,
     `tune.trial_driver_cpus`) plus the Train run it starts: the Train V2 controller actor takes
@@ -107,6 +108,12 @@ def plan_resources(profile: dict, cluster: dict) -> dict:
     starts a driver on every free CPU and the Train runs then wait for CPUs the drivers hold: a
     deadlock on a small machine. max_concurrent_trials caps the drivers at what the cluster can
     feed whole: (CPUs - tune.reserve_cpus) / (driver + workers), and GPUs / workers on a GPU profile.
+
+    On an autoscaling cluster that cap counts the nodes it may add: the trials beyond what it has now
+    wait in Ray's queue, and their demand makes the autoscaler add nodes, which they use as they
+    arrive. A cluster that cannot hold one trial now but may grow (``can_grow``: nodes can join; the
+    limit is unknown without an autoscaler) runs one trial at a time once a node joins; a Ray this
+    process started cannot grow, and an autoscaler's limit is known, so there it is an error.
     """
     hw, tc = profile["hardware"], profile["tune"]
     workers = int(hw["num_workers"])
@@ -115,20 +122,38 @@ def plan_resources(profile: dict, cluster: dict) -> dict:
         raise ProfileError("tune.trial_driver_cpus must be > 0 (each trial's driver is a Tune actor and needs a share)")
     per_trial = {"CPU": driver_cpus + workers * float(hw["cpus_per_worker"]),
                  **({"GPU": float(workers)} if hw["use_gpu"] else {})}
-    cpus = float(cluster.get("CPU", 0)) - float(tc.get("reserve_cpus") or 0)
-    fits = {"CPU": math.floor(cpus / per_trial["CPU"] + 1e-9)}
-    if hw["use_gpu"]:
-        fits["GPU"] = math.floor(float(cluster.get("GPU", 0)) / per_trial["GPU"] + 1e-9)
-    concurrent = min(fits.values())
-    if concurrent < 1:
-        has = {k: cluster.get(k, 0) for k in per_trial}
+    reserve = float(tc.get("reserve_cpus") or 0)
+
+    def fits(cluster: dict) -> dict:
+        have = {"CPU": float(cluster.get("CPU", 0)) - reserve, "GPU": float(cluster.get("GPU", 0))}
+        return {k: math.floor(have[k] / per_trial[k] + 1e-9) for k in per_trial}
+
+    capacity = {k: max(float(now.get(k, 0)), float((most or {}).get(k, 0))) for k in per_trial}
+    fits_at_most, fits_now = fits(capacity), fits(now)
+    concurrent = min(fits_at_most.values())
+    if concurrent < 1 and (most is not None or not can_grow):
         raise ProfileError(f"the cluster cannot run one trial: a trial needs {per_trial} (with tune.reserve_cpus="
-                           f"{tc.get('reserve_cpus') or 0} CPUs kept free), the cluster has {has}; "
+                           f"{tc.get('reserve_cpus') or 0} CPUs kept free), the cluster has "
+                           f"{'at most ' if most is not None else ''}{capacity}; "
                            "lower hardware.cpus_per_worker or use another profile")
+    concurrent = max(concurrent, 1)
     if tc.get("max_concurrent"):
         concurrent = min(concurrent, int(tc["max_concurrent"]))
     return {"trial": {"CPU": driver_cpus}, "per_trial": per_trial, "max_concurrent": concurrent,
-            "limited_by": min(fits, key=fits.get)}
+            "limited_by": min(fits_at_most, key=fits_at_most.get), "now": max(min(fits_now.values()), 0)}
+
+
+def cluster_limits() -> tuple[dict, dict | None, bool]:
+    """(resources now, the autoscaler's limit or None, whether nodes can join) of the connected Ray."""
+    import ray
+
+    try:  # what Ray Train checks its worker groups against; None without an autoscaler
+        most = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it, plan on what the cluster has
+        most = None
+    node = getattr(ray._private.worker, "_global_node", None)
+    started_here = node is not None and node.is_head()  # ray.init() started a local Ray for this process
+    return ray.cluster_resources(), most, not started_here
 
 
 # ----------------------------------------------------------------------------- in each trial
@@ -255,7 +280,7 @@ def run(profile: dict, frame: pd.DataFrame, data_report: dict, name: str, *, reg
             raise ProfileError(f"tune.points_to_evaluate: {point} lacks {', '.join(missing)}")
     if not ray.is_initialized():
         ray.init()
-    plan = plan_resources(profile, ray.cluster_resources())
+    plan = plan_resources(profile, *cluster_limits())
     inputs = training.prepare_inputs(profile, frame, data_report)
     storage = tracking.runs_dir() / "ray_results"
     experiment = storage / name
@@ -282,6 +307,9 @@ def run(profile: dict, frame: pd.DataFrame, data_report: dict, name: str, *, reg
         else:
             print(f"[pneumoray] search {name}: {num_samples} trials of up to {epochs} epochs, "
                   f"{plan['max_concurrent']} at a time ({plan['per_trial']} each, limited by {plan['limited_by']})")
+            if plan["now"] < plan["max_concurrent"]:
+                print(f"[pneumoray] the cluster holds {plan['now']} of them now; the rest wait in Ray's queue for nodes "
+                      "to join (an autoscaler adds nodes for the waiting demand)")
             if quiet:  # Optuna configures its own INFO handler at first use ("A new study created ...")
                 import optuna
 

@@ -285,6 +285,21 @@ def batches_to_run(rows: pd.DataFrame, out_dir: Path, batch_size: int) -> list[p
     return [b for b in batches if missing.intersection(b["relpath"])]
 
 
+def actor_pool(actors: int | None, batches: int):
+    """Ray Data's actor pool for ``generate.actors``: a number is a pool of that size; null is an
+    autoscaling pool of one actor up to one per batch.
+
+    Nothing is read from the cluster at start, where an autoscaling cluster has no GPU yet: Ray queues
+    the actors until a node with their resources joins (and the autoscaler adds nodes for them), and
+    the autoscaling pool adds actors as nodes arrive, within what the cluster has.
+    """
+    import ray.data
+
+    if actors:
+        return ray.data.ActorPoolStrategy(size=int(actors))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, batches))
+
+
 def run(rows: pd.DataFrame, out_dir: Path, adapter: dict, default_base: str, settings: dict, hardware: dict) -> int:
     """Generate every planned image whose file is missing; returns how many were written."""
     import ray
@@ -299,11 +314,6 @@ def run(rows: pd.DataFrame, out_dir: Path, adapter: dict, default_base: str, set
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (ray job submit, a cluster) or a local Ray
     use_gpu = bool(hardware["use_gpu"])
-    n_gpus = int(ray.cluster_resources().get("GPU", 0))
-    if use_gpu and n_gpus == 0:
-        raise RuntimeError("the profile asks for GPUs (hardware.use_gpu) but the Ray cluster has none; "
-                           "use --profile tiny, or start Ray on a GPU machine")
-    actors = int(settings.get("actors") or (n_gpus if use_gpu else 1))
     cpus = float(settings.get("cpus_per_actor") or 1)
     # One block per batch: the actors share the work evenly instead of one taking a whole block.
     ds = ray.data.from_pandas(blocks).map_batches(
@@ -311,7 +321,7 @@ def run(rows: pd.DataFrame, out_dir: Path, adapter: dict, default_base: str, set
         fn_constructor_kwargs={"adapter": adapter, "default_base": default_base, "settings": settings,
                                "out_dir": str(out_dir), "tracking_uri": mlflow.get_tracking_uri(),
                                "registry_uri": mlflow.get_registry_uri(), "threads": int(cpus)},
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=actor_pool(settings.get("actors"), len(blocks)),
         batch_size=bs, num_gpus=1 if use_gpu else 0, num_cpus=cpus,
     )
     return sum(int(batch["written"].sum()) for batch in ds.iter_batches(batch_size=None))
