@@ -1,13 +1,18 @@
 """make bench-real: the tiny profile's classifier on real X-rays, beside its floor and zero-shot, over seeds.
 
-    python -m bench real [--data DIR] [--seeds 0,1,2] [--epochs N] [--set KEY=VALUE ...] [--out FILE]
+    python -m bench real [--data DIR] [--seeds 0,1,2] [--epochs N] [--synthetic balance|none|CLASS=N,...]
+                         [--set KEY=VALUE ...] [--out FILE]
 
 Data: a Kermany-layout folder (default: the shared official training split, kermany-224). Three
 classes, one patient-grouped, stratified validation split (the profile's fraction and seed) used by
 every row; the test split is not read. Rows, each trained once per seed:
 - zero_shot: the classifier's base CLIP with the adapter off (the class prompts, no training on labels);
 - clip_lora: `jobs.train`'s own TorchTrainer (training.prepare_inputs + build_trainer) on the profile;
-- small_cnn: a plain 3-layer CNN from scratch (bench/baseline_cnn.py), same split, input and epochs.
+- small_cnn: a plain 3-layer CNN from scratch (bench/baseline_cnn.py), same split, input and epochs;
+- clip_lora_synthetic: clip_lora with synthetic images added to its training split, made by the
+  profile's SD LoRA fine-tuned on this training split (`finetune.fit`, then `make_synthetic_set`;
+  default: the small classes filled up to the largest). Same split and seeds as clip_lora, so each
+  seed gives a paired difference (with - without), reported with its mean and sd.
 Each row reports mean and sd over seeds of accuracy, macro-F1, recall per class, and ECE after
 temperature scaling, at the epoch with the best validation macro-F1 (how each model is selected).
 The temperature is cross-fitted: fitted on one half of the validation images, ECE measured on the
@@ -61,7 +66,7 @@ def summarize(name: str, per_seed: dict[int, dict], **extra) -> dict:
             "ece": stat(r["ece"] for r in runs), "per_seed": {str(k): v for k, v in per_seed.items()}, **extra}
 
 
-def clip_lora(profile: dict, frame, report, seed: int, work: Path, log) -> dict:
+def clip_lora(profile: dict, frame, report, seed: int, work: Path, log, row: str = "clip_lora") -> dict:
     """One jobs.train TorchTrainer run; the figures of its best checkpoint (on val macro-F1)."""
     import mlflow
 
@@ -70,15 +75,51 @@ def clip_lora(profile: dict, frame, report, seed: int, work: Path, log) -> dict:
     t = time.time()
     run_profile = {**profile, "train": {**profile["train"], "seed": seed}}
     inputs = training.prepare_inputs(run_profile, frame, report)
-    with mlflow.start_run(run_name=f"bench-real-clip-seed{seed}") as run:
-        trainer = training.build_trainer(run_profile, inputs, f"bench-real-clip-seed{seed}", run.info.run_id,
+    name = f"bench-real-{row.replace('_', '-')}-seed{seed}"
+    with mlflow.start_run(run_name=name) as run:
+        trainer = training.build_trainer(run_profile, inputs, name, run.info.run_id,
                                          tracking_uri=tracking.tracking_uri(), storage_path=work / "ray_results")
         result = trainer.fit()
     state = ray_train.read_state(ray_train.best_checkpoint(result, "val_macro_f1", "max"))
     out = figures(state["val_logits"], state["val_labels"], inputs.classes)
-    log(f"clip_lora seed {seed}: best epoch {state['epoch'] + 1}/{run_profile['train']['epochs']}, "
+    log(f"{row} seed {seed}: best epoch {state['epoch'] + 1}/{run_profile['train']['epochs']}, "
         f"acc {out['accuracy']:.3f} macro-F1 {out['macro_f1']:.3f} ({time.time() - t:.0f} s)")
     return {**out, "best_epoch": state["epoch"], "base": inputs.clip}
+
+
+def with_synthetic(profile: dict, real_manifest: Path, counts: str, seeds: list[int], work: Path, log) -> tuple[dict, dict]:
+    """clip_lora_synthetic: the SD LoRA fine-tuned on the training split, its images, then clip_lora per seed
+    on real + synthetic (validation stays the same real images: synthetic rows only join the training split)."""
+    from pneumoray.data import manifest
+    from pneumoray.sd import finetune, generation
+
+    real = manifest.load_sources([real_manifest], CLASSES)
+    t = time.time()
+    sd = finetune.fit(profile, real.frame, real.report, "bench-real-sd-lora")
+    log(f"SD LoRA on the training split: epoch {sd['best_epoch'] + 1}/{profile['diffusion']['epochs']} kept, "
+        f"{sd['model_uri']} ({time.time() - t:.0f} s)")
+    t = time.time()
+    made = generation.make_synthetic_set(
+        profile, work / "synthetic", classes=real.classes, adapter_ref=sd["model_uri"], real=real, base=False,
+        counts=None if counts == "balance" else generation.parse_counts(counts, real.classes),
+        run_name="bench-real-generate", say=lambda line: log(line))
+    log(f"generated {made.counts} ({time.time() - t:.0f} s)")
+    both = manifest.load_sources([real_manifest, made.manifest], CLASSES)
+    assert set(both.frame.loc[both.frame["split"] == "val", "path"]) == set(real.frame.loc[real.frame["split"] == "val", "path"])
+    runs = {s: clip_lora(profile, both.frame, both.report, s, work, log, row="clip_lora_synthetic") for s in seeds}
+    info = {"synthetic_counts": made.counts, "sd_lora": {k: sd.get(k) for k in ("best_epoch", "val_loss", "val_class_gain")},
+            "quality": made.quality}
+    return runs, info
+
+
+def paired(without: dict[int, dict], with_: dict[int, dict]) -> dict:
+    """Per seed (with - without) accuracy and macro-F1, with mean and sd: the same split and seed on both sides."""
+    out = {}
+    for key in ("accuracy", "macro_f1"):
+        diffs = [with_[s][key] - without[s][key] for s in without]
+        out[key] = {"per_seed": [round(d, 4) for d in diffs], "mean": float(np.mean(diffs)),
+                    "sd": float(statistics.stdev(diffs)) if len(diffs) > 1 else 0.0}
+    return out
 
 
 def zero_shot(clip_ref: str, frame, classes: list[str]) -> dict:
@@ -100,14 +141,14 @@ def zero_shot(clip_ref: str, frame, classes: list[str]) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     classes = list(rows[0]["recall"])
-    head = f"{'row':<12}{'accuracy':>15}{'macro-F1':>15}" + "".join(f"{'recall ' + c:>17}" for c in classes) + f"{'ECE':>15}"
+    head = f"{'row':<21}{'accuracy':>15}{'macro-F1':>15}" + "".join(f"{'recall ' + c:>17}" for c in classes) + f"{'ECE':>15}"
 
     def ms(s):
         return f"{s['mean']:.3f} ± {s['sd']:.3f}"
 
     lines = [head]
     for r in rows:
-        lines.append(f"{r['name']:<12}{ms(r['accuracy']):>15}{ms(r['macro_f1']):>15}"
+        lines.append(f"{r['name']:<21}{ms(r['accuracy']):>15}{ms(r['macro_f1']):>15}"
                      + "".join(f"{ms(r['recall'][c]):>17}" for c in classes) + f"{ms(r['ece']):>15}")
     return "\n".join(lines)
 
@@ -118,6 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help=f"a Kermany-layout folder (default: {DEFAULT_DATA.name} in shared/data)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, help="epoch budget of every trained row (default: the profile's train.epochs)")
+    ap.add_argument("--synthetic", default="balance", metavar="balance|none|CLASS=N,...",
+                    help="the clip_lora_synthetic row's images per class (balance: the small classes up to the largest; "
+                         "none: skip the row)")
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="profile override, e.g. train.lr=1e-3")
     ap.add_argument("--out", default=str(RESULTS / "real.json"))
@@ -136,7 +180,7 @@ def main(argv=None) -> int:
 
     from pneumoray import tracking
     from pneumoray.data import manifest
-    from pneumoray.profiles import load_profile
+    from pneumoray.profiles import apply_values, load_profile
 
     profile = load_profile(args.profile, [*([f"train.epochs={args.epochs}"] if args.epochs else []), *args.set])
     epochs = int(profile["train"]["epochs"])
@@ -163,11 +207,19 @@ def main(argv=None) -> int:
             clip_runs = {s: clip_lora(profile, frame, report, s, work, log) for s in seeds}
         finally:
             ray.shutdown()
+        if cnn.wait() != 0:
+            raise SystemExit(f"bench real: the small_cnn process failed (exit {cnn.returncode})")
+        synthetic = None
+        if args.synthetic != "none":  # the CNN is done: both cores (two generation actors, as in the demo)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            try:
+                synthetic = with_synthetic(apply_values(profile, {"generate.actors": 2}), man, args.synthetic,
+                                           seeds, work, log)
+            finally:
+                ray.shutdown()
     base = clip_runs[seeds[0]]["base"]
     zs = zero_shot(base, frame, classes)
     log(f"zero_shot: acc {zs['accuracy']:.3f} macro-F1 {zs['macro_f1']:.3f}")
-    if cnn.wait() != 0:
-        raise SystemExit(f"bench real: the small_cnn process failed (exit {cnn.returncode})")
     cnn_result = json.loads(cnn_out.read_text())
     cnn_runs = {int(s): {**figures(r["best"]["val_logits"], cnn_result["val_labels"], classes), "best_epoch": r["best"]["epoch"]}
                 for s, r in cnn_result["runs"].items()}
@@ -175,6 +227,10 @@ def main(argv=None) -> int:
                       base=base),
             summarize("clip_lora", clip_runs, epochs=epochs, profile=profile["name"]),
             summarize("small_cnn", cnn_runs, epochs=epochs, params=next(iter(cnn_result["runs"].values()))["params"])]
+    if synthetic:
+        runs, info = synthetic
+        rows.append(summarize("clip_lora_synthetic", runs, epochs=epochs, profile=profile["name"],
+                              paired_vs_clip_lora=paired(clip_runs, runs), **info))
     for r in rows:
         for s in r["per_seed"].values():
             s.pop("base", None)
@@ -195,6 +251,11 @@ def main(argv=None) -> int:
           f"(accuracy {cl['accuracy']['mean']:.3f} vs {cn['accuracy']['mean']:.3f}, "
           f"macro-F1 {cl['macro_f1']['mean']:.3f} vs {cn['macro_f1']['mean']:.3f}); "
           f"{len(seeds)} seeds, {epochs} epochs, {doc['wall_s'] / 60:.1f} min -> {out}")
+    if synthetic:
+        d = rows[3]["paired_vs_clip_lora"]
+        print("clip_lora_synthetic - clip_lora, per seed: " + "; ".join(
+            f"{k} {' / '.join(f'{v:+.3f}' for v in d[k]['per_seed'])} (mean {d[k]['mean']:+.3f} ± {d[k]['sd']:.3f})"
+            for k in ("accuracy", "macro_f1")))
     return 0
 
 
