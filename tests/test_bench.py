@@ -177,8 +177,11 @@ def test_real_bench_figures_cross_fit_the_temperature_and_summarize_seeds():
 def test_real_bench_pairs_the_synthetic_row_with_clip_lora_seed_by_seed():
     from bench import real
 
-    without = {0: {"accuracy": 0.80, "macro_f1": 0.79}, 1: {"accuracy": 0.82, "macro_f1": 0.80}, 2: {"accuracy": 0.78, "macro_f1": 0.77}}
-    with_ = {2: {"accuracy": 0.80, "macro_f1": 0.77}, 0: {"accuracy": 0.81, "macro_f1": 0.78}, 1: {"accuracy": 0.82, "macro_f1": 0.82}}
+    def runs(*figures):
+        return {seed: {"accuracy": a, "macro_f1": f} for seed, a, f in figures}
+
+    without = runs((0, 0.80, 0.79), (1, 0.82, 0.80), (2, 0.78, 0.77))
+    with_ = runs((2, 0.80, 0.77), (0, 0.81, 0.78), (1, 0.82, 0.82))
     d = real.paired(without, with_)  # by seed, whatever order the runs came in
     assert d["accuracy"]["per_seed"] == [0.01, 0.0, 0.02] and d["accuracy"]["mean"] == pytest.approx(0.01)
     assert d["macro_f1"]["per_seed"] == [-0.01, 0.02, 0.0] and d["macro_f1"]["sd"] == pytest.approx(0.015275, abs=1e-5)

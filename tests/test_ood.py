@@ -42,6 +42,14 @@ def test_layout_flags_grey_scenes_pages_and_shapes_that_the_embedding_lets_throu
         px = _pixels(foreign[kind])
         score, inside = ood.judge(check, _embeddings(len(px), 4), ood.colourfulness(px, MEAN, STD), lay(px))
         assert (~inside).mean() >= 0.9, f"{kind}: only {(~inside).mean():.2f} flagged (scores {np.round(score, 2)})"
+    # The warning names the check that tripped: here the layout, never the embedding (drawn like training's).
+    px = _pixels(foreign["document"][:1])
+    parts = ood.part_scores(check, _embeddings(1, 4), lay(px))
+    warning = ood.warning_for({k: v[0] for k, v in parts.items()}, 0.0, check)
+    assert "in pixel layout" in warning and "image features" not in warning
+    far = ood.part_scores(check, np.full((1, 16), 10.0), lay(xrays[700:701]))  # a real film, far in the features
+    warning = ood.warning_for({k: v[0] for k, v in far.items()}, 0.0, check)
+    assert "in the model's image features" in warning and "pixel layout" not in warning
 
 
 def test_too_few_training_images_for_the_layout_leave_the_check_to_the_embedding(xrays):

@@ -123,11 +123,19 @@ def _larger_distance(check: dict, embeddings: np.ndarray, layouts: np.ndarray) -
                       distance(check["layout"], layouts) / check["layout"]["threshold"])
 
 
-def score_of(check: dict, embeddings: np.ndarray, layouts: np.ndarray | None = None) -> np.ndarray:
-    """(N,) the out-of-distribution score: above 1 is out. Checks fitted before the layout have none."""
+def part_scores(check: dict, embeddings: np.ndarray, layouts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each distance on the score's scale, (N,) per check: the score is the larger of them. Checks fitted
+    before the layout have only the embedding distance."""
     if "layout" in check:
-        return _larger_distance(check, embeddings, layouts) / check["joint_threshold"]
-    return distance(check, embeddings) / check["threshold"]
+        joint = check["joint_threshold"]
+        return {"embedding": distance(check, embeddings) / check["threshold"] / joint,
+                "layout": distance(check["layout"], layouts) / check["layout"]["threshold"] / joint}
+    return {"embedding": distance(check, embeddings) / check["threshold"]}
+
+
+def score_of(check: dict, embeddings: np.ndarray, layouts: np.ndarray | None = None) -> np.ndarray:
+    """(N,) the out-of-distribution score: above 1 is out."""
+    return np.maximum.reduce(list(part_scores(check, embeddings, layouts).values()))
 
 
 def judge(check: dict, embeddings: np.ndarray, colour: np.ndarray,
@@ -139,13 +147,14 @@ def judge(check: dict, embeddings: np.ndarray, colour: np.ndarray,
 
 WARNING = ("this image does not look like the chest X-rays the model was trained on ({why}); its label is "
            "not meaningful: send a frontal pediatric chest radiograph")
+# What each distance looks at, as the warning names it.
+PARTS = {"embedding": "in the model's image features", "layout": "in pixel layout (thumbnail, histogram, edges)"}
 INTENDED_USE = "research use only: not a medical device, not for diagnosis"
 
 
-def warning_for(score: float, colour: float, check: dict) -> str | None:
-    reasons = []
-    if score > 1.0:
-        reasons.append(f"far from the training images: score {score:.2f}, above 1")
+def warning_for(parts: dict[str, float], colour: float, check: dict) -> str | None:
+    """The warning for one image, naming each check it failed (``parts``: its part_scores)."""
+    reasons = [f"far from the training images {PARTS[k]}: score {v:.2f}, above 1" for k, v in parts.items() if v > 1.0]
     if colour > check["max_colour"]:
         reasons.append("in colour; radiographs are grey")
     return WARNING.format(why="; ".join(reasons)) if reasons else None

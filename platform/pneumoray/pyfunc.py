@@ -81,11 +81,13 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
         check = self.config.get("ood")
         if check:  # models registered before the check have none
             colour = ood.colourfulness(pixels, self.mean, self.std)
-            score, inside = ood.judge(check, embeddings, colour, ood.layout(pixels, self.mean, self.std))
-            frame["in_distribution"] = inside
+            parts = ood.part_scores(check, embeddings, ood.layout(pixels, self.mean, self.std))
+            score = np.maximum.reduce(list(parts.values()))
+            frame["in_distribution"] = (score <= 1.0) & (colour <= check["max_colour"])
             frame["ood_score"] = score
             # object, not pandas' string dtype: "no warning" stays None (the string dtype would make it NaN)
-            frame["warning"] = pd.Series([ood.warning_for(s, c, check) for s, c in zip(score, colour)], dtype=object)
+            frame["warning"] = pd.Series([ood.warning_for({k: v[i] for k, v in parts.items()}, colour[i], check)
+                                          for i in range(len(score))], dtype=object)
         return frame
 
     def to_frame(self, logits: np.ndarray) -> pd.DataFrame:
