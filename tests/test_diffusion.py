@@ -169,6 +169,16 @@ def test_lora_targets_matching_nothing_is_an_error():
 # ---------------------------------------------------------------------------------------- training
 
 
+def test_an_unknown_lr_schedule_is_refused_on_the_driver_naming_the_known_ones():
+    from pneumoray.profiles import ProfileError, load_profile
+    from pneumoray.sd import finetune
+
+    for name in ("tiny", "rtx3090"):
+        assert finetune.check_schedule(load_profile(name)["diffusion"]["lr_schedule"]) == "cosine"
+    with pytest.raises(ProfileError, match="'cosinus' is not a diffusers schedule: use one of linear, cosine"):
+        finetune.check_schedule("cosinus")
+
+
 def test_loss_gives_gradients_to_lora_weights_only(lora_pipe, batch):
     pipe, params = lora_pipe
     pixels, prompts = batch

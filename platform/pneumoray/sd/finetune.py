@@ -162,6 +162,18 @@ def _dataset(rows: pd.DataFrame, classes: list[str], size: int, materialize: boo
                                   materialize=materialize, shuffle_seed=shuffle_seed)
 
 
+def check_schedule(name: str) -> str:
+    """``diffusion.lr_schedule`` as diffusers' get_scheduler knows it; checked on the driver, before any worker starts."""
+    from diffusers.optimization import SchedulerType
+
+    from ..profiles import ProfileError
+
+    known = [t.value for t in SchedulerType]
+    if name not in known:
+        raise ProfileError(f"diffusion.lr_schedule {name!r} is not a diffusers schedule: use one of {', '.join(known)}")
+    return name
+
+
 def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, register: bool = True) -> dict:
     """Fine-tune the SD LoRA, log it, register it; returns a summary of the run."""
     import mlflow
@@ -169,6 +181,7 @@ def fit(profile: dict, frame: pd.DataFrame, data_report: dict, run_name: str, re
     from .. import tracking
 
     cfg, hw = profile["diffusion"], profile["hardware"]
+    check_schedule(cfg["lr_schedule"])
     classes = data_report["classes"]
     # Real images only: an adapter trained on its own output drifts (and the test split never enters).
     real = frame[frame["source"] != "synthetic"]
