@@ -70,8 +70,9 @@ stack-down:
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
-# Accuracy on real X-rays (docs/benchmarks.md): clip_lora vs small_cnn vs zero-shot over 3 seeds.
-# `make bench-real BENCH_REAL_ARGS="--data DIR --seeds 0"`.
+# Accuracy on real X-rays (docs/benchmarks.md): clip_lora vs small_cnn vs zero-shot, and clip_lora with
+# synthetic images from an SD LoRA fine-tuned on the same training split, over 3 seeds.
+# `make bench-real BENCH_REAL_ARGS="--data DIR --seeds 0"`; `--synthetic none` leaves the synthetic row out.
 bench-real: $(STAMP)
 	$(PY) -m bench real $(BENCH_REAL_ARGS)
 
