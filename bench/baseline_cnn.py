@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -119,9 +120,11 @@ def main(argv=None):
         runs[seed] = train(x_tr, y_tr, x_va, y_va, classes, args.epochs, seed, log=lambda m: print(m, flush=True))
     result = {"classes": classes, "size": size, "epochs": args.epochs, "val_labels": y_va.tolist(),
               "runs": runs, "wall_s": round(time.time() - t0, 1)}
-    if args.out:
-        with open(args.out, "w") as f:
+    if args.out:  # whole or not at all: bench real --work reuses a file that is there
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f)
+        os.replace(tmp, args.out)
     return result
 
 

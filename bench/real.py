@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="profile override, e.g. train.lr=1e-3")
     ap.add_argument("--out", default=str(RESULTS / "real.json"))
+    ap.add_argument("--work", help="working folder (default: a new temporary one); the same folder again continues a "
+                                   "stopped run: the CNN's results are kept, the Train runs and generation resume")
     args = ap.parse_args(argv)
     data = Path(args.data) if args.data else DEFAULT_DATA
     if not data.is_dir():
@@ -184,7 +186,8 @@ def main(argv=None) -> int:
 
     profile = load_profile(args.profile, [*([f"train.epochs={args.epochs}"] if args.epochs else []), *args.set])
     epochs = int(profile["train"]["epochs"])
-    work = Path(tempfile.mkdtemp(prefix="pneumoray-bench-real-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pneumoray-bench-real-"))
+    work.mkdir(parents=True, exist_ok=True)
     frame, report = manifest.build(data, CLASSES, **manifest.split_settings(profile["data"]))
     man = manifest.write(frame, report, work / "manifest.parquet")
     classes = report["classes"]
@@ -195,10 +198,11 @@ def main(argv=None) -> int:
 
     # The CNN trains in its own process on the second core while Ray Train uses the first.
     cnn_out = work / "cnn.json"
-    cnn = subprocess.Popen([sys.executable, "-m", "bench.baseline_cnn", "--data", str(man), "--classes", CLASSES,
-                            "--epochs", str(epochs), "--seeds", args.seeds, "--out", str(cnn_out),
-                            "--val-fraction", str(report["val_fraction"]), "--split-seed", str(report["split_seed"])],
-                           cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cnn = None if cnn_out.is_file() else subprocess.Popen(
+        [sys.executable, "-m", "bench.baseline_cnn", "--data", str(man), "--classes", CLASSES, "--epochs", str(epochs),
+         "--seeds", args.seeds, "--out", str(cnn_out), "--val-fraction", str(report["val_fraction"]),
+         "--split-seed", str(report["split_seed"])],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     with tracking.use_runs_dir(work, tracking.local_store(work)):  # the bench's own store, whatever the env says
         tracking.setup_mlflow("bench-real")
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
             clip_runs = {s: clip_lora(profile, frame, report, s, work, log) for s in seeds}
         finally:
             ray.shutdown()
-        if cnn.wait() != 0:
+        if cnn is not None and cnn.wait() != 0:
             raise SystemExit(f"bench real: the small_cnn process failed (exit {cnn.returncode})")
         synthetic = None
         if args.synthetic != "none":  # the CNN is done: both cores (two generation actors, as in the demo)

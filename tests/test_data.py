@@ -209,6 +209,19 @@ def test_prepare_skips_broken_files_with_reasons(messy_folder, tmp_path):
     assert frame.groupby("patient_id")["split"].nunique().max() == 1
 
 
+def test_a_second_source_drops_only_its_repeats_and_leaves_the_first_as_loaded_alone(tmp_path):
+    # The real training split repeats some images under two names (kermany-224 does): loaded alone they stay,
+    # so they must stay when a synthetic source is added too, or the validation split changes.
+    for i, value in enumerate([120, 120, 60, 90, 150, 30, 200, 80]):
+        _jpeg(tmp_path / "data" / "train" / ("NORMAL" if i % 2 else "PNEUMONIA") /
+              (f"IM-{i:04d}-0001.jpeg" if i % 2 else f"person{i}_virus_{i}.jpeg"), value=value)
+    path = manifest.write(*manifest.build(tmp_path / "data", val_fraction=0.5), tmp_path / "m.parquet")
+    alone = manifest.load_sources([path]).frame
+    assert alone["sha256"].duplicated().sum() == 1
+    twice = manifest.load_sources([path, path]).frame  # everything the second time is a repeat
+    assert twice[["path", "split"]].equals(alone[["path", "split"]])
+
+
 def test_prepare_bad_folder_is_a_clear_error(tmp_path):
     command = [sys.executable, "-m", "jobs.prepare", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m.parquet")]
     proc = subprocess.run(command,

@@ -286,10 +286,15 @@ def load_sources(sources, classes=None, val_fraction: float = 0.15, seed: int = 
     frames, reports = zip(*(load(s, classes, val_fraction, seed, drop_test_patients=drop_test_patients)
                             for s in sources))
     mapping = parse_classes(classes) if classes is not None else reports[0]["label_set"]
-    frame = pd.concat(frames, ignore_index=True)
+    # An image a later source repeats is dropped (the same image given twice); repeats within one source
+    # stay, as when it is loaded alone, so adding a synthetic source leaves the real split as it was.
+    seen: set[str] = set()
+    kept = []
+    for f in frames:
+        kept.append(f[~f["sha256"].isin(seen)])
+        seen.update(f["sha256"])
+    frame = pd.concat(kept, ignore_index=True)
     frame.loc[frame["source"] == "synthetic", "split"] = "train"
-    if len(sources) > 1:
-        frame = frame.drop_duplicates("sha256", ignore_index=True)  # the same image given twice
     report = {**reports[0], "data": [r["data"] for r in reports], "images": len(frame), "counts": summarize(frame),
               "classes": class_names(mapping), "label_set": mapping,
               "excluded_by_label_set": {k: sum(r["excluded_by_label_set"].get(k, 0) for r in reports)
