@@ -101,7 +101,8 @@ def fit(train_embeddings: np.ndarray, val_embeddings: np.ndarray, val_colour: np
         check["layout"] = _gaussian(train_layout)
         check["layout"]["threshold"] = float(np.quantile(distance(check["layout"], val_layout), QUANTILE))
         # one threshold for the pair, so that validation is flagged QUANTILE's share, not twice that
-        check["joint_threshold"] = float(np.quantile(_larger_distance(check, val_embeddings, val_layout), QUANTILE))
+        larger = np.maximum.reduce(list(_own_scale(check, val_embeddings, val_layout).values()))
+        check["joint_threshold"] = float(np.quantile(larger, QUANTILE))
     check["max_colour"] = float(max(MIN_COLOUR, 2 * np.quantile(np.asarray(val_colour), 0.999)))
     return check
 
@@ -117,32 +118,31 @@ def distance(gaussian: dict, x: np.ndarray) -> np.ndarray:
     return np.sqrt(d2)
 
 
-def _larger_distance(check: dict, embeddings: np.ndarray, layouts: np.ndarray) -> np.ndarray:
-    """(N,) the larger of the embedding and layout distances, each over its own validation threshold."""
-    return np.maximum(distance(check, embeddings) / check["threshold"],
-                      distance(check["layout"], layouts) / check["layout"]["threshold"])
+def _own_scale(check: dict, embeddings: np.ndarray, layouts: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each distance over its own validation threshold, (N,) per check (no layout in checks fitted before it)."""
+    parts = {"embedding": distance(check, embeddings) / check["threshold"]}
+    if "layout" in check:
+        parts["layout"] = distance(check["layout"], layouts) / check["layout"]["threshold"]
+    return parts
 
 
 def part_scores(check: dict, embeddings: np.ndarray, layouts: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Each distance on the score's scale, (N,) per check: the score is the larger of them. Checks fitted
-    before the layout have only the embedding distance."""
-    if "layout" in check:
-        joint = check["joint_threshold"]
-        return {"embedding": distance(check, embeddings) / check["threshold"] / joint,
-                "layout": distance(check["layout"], layouts) / check["layout"]["threshold"] / joint}
-    return {"embedding": distance(check, embeddings) / check["threshold"]}
+    """Each distance on the score's scale, (N,) per check: the score is the larger of them."""
+    parts = _own_scale(check, embeddings, layouts)
+    joint = check.get("joint_threshold", 1.0)  # only a check with a layout has (and needs) one
+    return {k: v / joint for k, v in parts.items()}
 
 
-def score_of(check: dict, embeddings: np.ndarray, layouts: np.ndarray | None = None) -> np.ndarray:
-    """(N,) the out-of-distribution score: above 1 is out."""
-    return np.maximum.reduce(list(part_scores(check, embeddings, layouts).values()))
+def verdict(check: dict, parts: dict[str, np.ndarray], colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(score, in_distribution) from part_scores: score above 1 is out; colour beyond the check's is out too."""
+    score = np.maximum.reduce(list(parts.values()))
+    return score, (score <= 1.0) & (np.asarray(colour) <= check["max_colour"])
 
 
 def judge(check: dict, embeddings: np.ndarray, colour: np.ndarray,
           layouts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(score, in_distribution): score above 1 is out; colour beyond the check's is out too."""
-    score = score_of(check, embeddings, layouts)
-    return score, (score <= 1.0) & (np.asarray(colour) <= check["max_colour"])
+    """(score, in_distribution) of images' embeddings, colour and layouts."""
+    return verdict(check, part_scores(check, embeddings, layouts), colour)
 
 
 WARNING = ("this image does not look like the chest X-rays the model was trained on ({why}); its label is "

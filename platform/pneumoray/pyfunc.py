@@ -82,8 +82,7 @@ class ClipLoraClassifier(mlflow.pyfunc.PythonModel):
         if check:  # models registered before the check have none
             colour = ood.colourfulness(pixels, self.mean, self.std)
             parts = ood.part_scores(check, embeddings, ood.layout(pixels, self.mean, self.std))
-            score = np.maximum.reduce(list(parts.values()))
-            frame["in_distribution"] = (score <= 1.0) & (colour <= check["max_colour"])
+            score, frame["in_distribution"] = ood.verdict(check, parts, colour)
             frame["ood_score"] = score
             # object, not pandas' string dtype: "no warning" stays None (the string dtype would make it NaN)
             frame["warning"] = pd.Series([ood.warning_for({k: v[i] for k, v in parts.items()}, colour[i], check)

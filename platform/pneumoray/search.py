@@ -128,19 +128,24 @@ def plan_resources(profile: dict, now: dict, most: dict | None = None, can_grow:
         have = {"CPU": float(cluster.get("CPU", 0)) - reserve, "GPU": float(cluster.get("GPU", 0))}
         return {k: math.floor(have[k] / per_trial[k] + 1e-9) for k in per_trial}
 
-    capacity = {k: max(float(now.get(k, 0)), float((most or {}).get(k, 0))) for k in per_trial}
+    capacity = grown(now, most)
     fits_at_most, fits_now = fits(capacity), fits(now)
     concurrent = min(fits_at_most.values())
     if concurrent < 1 and (most is not None or not can_grow):
         raise ProfileError(f"the cluster cannot run one trial: a trial needs {per_trial} (with tune.reserve_cpus="
                            f"{tc.get('reserve_cpus') or 0} CPUs kept free), the cluster has "
-                           f"{'at most ' if most is not None else ''}{capacity}; "
+                           f"{'at most ' if most is not None else ''}{ {k: capacity[k] for k in per_trial} }; "
                            "lower hardware.cpus_per_worker or use another profile")
     concurrent = max(concurrent, 1)
     if tc.get("max_concurrent"):
         concurrent = min(concurrent, int(tc["max_concurrent"]))
     return {"trial": {"CPU": driver_cpus}, "per_trial": per_trial, "max_concurrent": concurrent,
             "limited_by": min(fits_at_most, key=fits_at_most.get), "now": max(min(fits_now.values()), 0)}
+
+
+def grown(now: dict, most: dict | None) -> dict:
+    """CPUs and GPUs of the cluster at the most it may grow to: its autoscaler's limit, or what it has now."""
+    return {k: max(float(now.get(k, 0)), float((most or {}).get(k, 0))) for k in ("CPU", "GPU")}
 
 
 def cluster_limits() -> tuple[dict, dict | None, bool]:

@@ -49,10 +49,10 @@ def register_logged(model_uri: str, run_id: str, score: float, rule: str = "") -
 def _room_for_two(profile: dict) -> bool:
     """Whether the cluster holds two of the profile's Train worker groups at once, counting the nodes its
     autoscaler may add (Ray Train waits for them)."""
-    from .search import cluster_limits
+    from .search import cluster_limits, grown
 
     hw, (now, most, _) = profile["hardware"], cluster_limits()
-    have = {k: max(float(now.get(k, 0)), float((most or {}).get(k, 0))) for k in ("CPU", "GPU")}
+    have = grown(now, most)
     workers = int(hw["num_workers"])
     return (have.get("CPU", 0) >= 2 * workers * float(hw["cpus_per_worker"])
             and (not hw["use_gpu"] or have.get("GPU", 0) >= 2 * workers))
