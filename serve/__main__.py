@@ -86,6 +86,8 @@ def main(argv=None):
         # Another cluster: ship this folder (serve/ and the page) like `ray job submit --working-dir .`.
         ray.init(address=args.address, runtime_env={"working_dir": os.getcwd()})
     else:
+        # Our own Ray's proxy reads small bodies itself (serving.PrefetchBody); a cluster's proxy has its own env.
+        os.environ[serving.PREFETCH_ENV] = serving.prefetch_env(profile["serve"], token)
         ray.init(address="local", include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1")
     # Ctrl-C and SIGTERM both stop it, even when started with SIGINT ignored (nohup, a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)

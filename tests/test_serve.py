@@ -404,6 +404,26 @@ def test_bearer_token_is_required_when_set(service, good):
     assert service.post("/v1/classify", **image).status_code == 200
 
 
+def test_small_bodies_are_read_in_the_proxy_and_a_body_without_the_token_is_never_read(service, good):
+    image = raw(good["real.jpeg"], "image/jpeg")
+    before = service.model()["stats"]["bodies_from_proxy"]
+    assert service.post("/v1/classify", **image).status_code == 200
+    assert service.model()["stats"]["bodies_from_proxy"] == before + 1, "a small declared body comes with the request"
+    chunked = service.post("/v1/classify", data=iter([image["data"]]), headers=image["headers"])  # no Content-Length
+    assert chunked.status_code == 200, chunked.text
+    assert service.model()["stats"]["bodies_from_proxy"] == before + 1, "a chunked body streams to the replica"
+    # without the right token the answer comes before the body: it is not waited for (that would be a 408 in 3 s)
+    for token in (None, TOKEN + "x"):
+        sock = _slow_upload(service.url, token=token)
+        try:
+            started = time.time()
+            answer = _read_response(sock)
+            assert answer.startswith("HTTP/1.1 401"), answer[:200]
+            assert time.time() - started < 2.5
+        finally:
+            sock.close()
+
+
 def test_model_info_docs_and_unknown_routes(service, champion):
     info = service.model()
     assert info["name"] == "pneumonia-clip" and info["version"] == champion and info["alias"] == "champion"
@@ -596,13 +616,21 @@ def _wait(predicate, timeout, what, service):
     pytest.fail(f"timed out waiting for {what}:\n{service.log_tail()}")
 
 
-def _slow_upload(url: str, length: int = 100_000) -> socket.socket:
-    """A client that declares a body of `length` bytes and sends its first byte (the rest comes slowly, or never)."""
+def _slow_upload(url: str, length: int = 100_000, chunked: bool = False, token: str | None = TOKEN) -> socket.socket:
+    """A client that declares a body of `length` bytes (or sends it chunked, declaring nothing) and sends its
+    first byte; the rest comes slowly (_trickle), or never. Declared bodies up to 1 MB are read in Serve's
+    proxy (serving.PrefetchBody); chunked ones stream to the replica."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall((f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  f"Content-Type: image/jpeg\r\nContent-Length: {length}\r\n\r\n").encode() + b"\xff")
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    sock.sendall((f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: image/jpeg\r\n{framing}\r\n\r\n"
+                  ).encode() + _byte(b"\xff", chunked))
     return sock
+
+
+def _byte(b: bytes, chunked: bool) -> bytes:
+    return b"1\r\n" + b + b"\r\n" if chunked else b
 
 
 def _read_response(sock: socket.socket) -> str:
@@ -624,14 +652,17 @@ def _read_response(sock: socket.socket) -> str:
 
 
 def test_slow_bodies_get_408_within_the_deadline_and_a_good_request_still_gets_through(service, good):
-    slow = [_slow_upload(service.url) for _ in range(40)]  # more than the replica's 32 request slots
+    # 40 chunked bodies, which stream to the replica (more than its 32 request slots), and 20 declared
+    # ones, which the proxy reads (serving.PrefetchBody): both kinds get the same 408
+    framing = [True] * 40 + [False] * 20
+    slow = [_slow_upload(service.url, chunked=chunked) for chunked in framing]
     stop = threading.Event()
 
     def trickle():  # one byte a second to each
         while not stop.wait(1.0):
-            for sock in slow:
+            for sock, chunked in zip(slow, framing):
                 try:
-                    sock.sendall(b"\0")
+                    sock.sendall(_byte(b"\0", chunked))
                 except OSError:
                     pass
     thread = threading.Thread(target=trickle, daemon=True)
@@ -685,7 +716,10 @@ def test_oversized_headers_get_431_before_they_are_parsed(service, good):
 def test_a_client_that_hangs_up_mid_upload_is_logged_as_an_abort_not_an_error(service):
     before = service.log_path.read_text(errors="replace")
     aborted_before = service.model()["stats"]["aborted"]
-    sock = _slow_upload(service.url)
+    early = _slow_upload(service.url)  # a declared body: read in the proxy, which drops it without an answer
+    time.sleep(0.5)
+    early.close()
+    sock = _slow_upload(service.url, chunked=True)  # a chunked one streams to the replica
     # hang up once the replica holds the request (before that, Serve's proxy alone sees the close)
     _wait(lambda: service.model()["stats"]["in_flight"] >= 1, 30, "the upload to reach the replica", service)
     sock.close()
