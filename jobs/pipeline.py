@@ -26,7 +26,7 @@ from pathlib import Path
 from pneumoray.results import DataSource, EndpointCheck, ManifestRef, SearchResult, SplitEvaluation, SyntheticDecision, TrainedRun
 from pneumoray.sd.generation import SyntheticSet
 
-STAGES = ("data", "manifest", "tune", "finetune_diffusion", "generate", "train", "judge", "evaluate", "serve")
+STAGES = ("data", "manifest", "finetune_diffusion", "generate", "tune", "train", "judge", "evaluate", "serve")
 
 
 class Pipeline:
@@ -121,35 +121,28 @@ def _load(p: Pipeline, *sources: str):
                                  **manifest.split_settings(p.profile["data"]))
 
 
-def _build_base(kind: str, profile: dict, manifest_path: str, classes: str) -> None:
-    from pneumoray import training
+def _build_clip(profile: dict, manifest_path: str, classes: str) -> None:
+    from pneumoray import models, training
     from pneumoray.data import manifest
-    from pneumoray.sd import finetune
 
-    train = manifest.load_sources([manifest_path], classes, **manifest.split_settings(profile["data"])).split("train")
-    if kind == "clip":
-        training.base_clip(profile, train)
-    else:
-        finetune.base_sd(profile, train)
+    real = manifest.load_sources([manifest_path], classes, **manifest.split_settings(profile["data"]))
+    models.resolve_model(profile["models"]["clip"], "clip")
+    training.base_clip(profile, real.split("train"))
 
 
-def _warm_bases(p: Pipeline) -> list:
-    """Build the tiny CLIP and the tiny SD, each with its label-free pretraining on the training split, in
-    two other processes at once: each build runs on one thread (deterministic), so together they keep
-    both cores busy, and the search runs meanwhile on what the CLIP build leaves. The stages that need a
-    base wait on its build's lock instead of building it again; on a warm cache they find it at once."""
+def _warm_clip(p: Pipeline):
+    """Build the tiny CLIP and its training-split pretraining in another process, on the core that the
+    SD stages leave idle (their pretraining runs on one thread). The stages that need the CLIP later
+    wait on the build's lock instead of building it again; on a warm cache this finds it at once."""
     import multiprocessing
 
-    procs = []
-    for kind in ("sd", "clip"):
-        if p.profile["models"][kind] != "tiny":
-            continue
-        proc = multiprocessing.get_context("spawn").Process(
-            target=_build_base, args=(kind, p.profile, p.results["manifest"].path, _classes(p)),
-            name=f"pneumoray-build-{kind}", daemon=True)
-        proc.start()
-        procs.append(proc)
-    return procs
+    if p.profile["models"]["clip"] != "tiny":
+        return None
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_build_clip, args=(p.profile, p.results["manifest"].path, _classes(p)),
+        name="pneumoray-build-clip", daemon=True)
+    proc.start()
+    return proc
 
 
 def _finetune(p: Pipeline) -> TrainedRun:
@@ -419,16 +412,16 @@ def _run(args, out: Path) -> dict:
         p = Pipeline(out, profile, args)
         p.stage("data", lambda: _data(p), DataSource)
         p.stage("manifest", lambda: _manifest(p), ManifestRef)
-        builds = _warm_bases(p)
-        p.stage("tune", lambda: _tune(p), SearchResult)
+        warm = _warm_clip(p)
         p.stage("finetune_diffusion", lambda: _finetune(p), TrainedRun)
         p.stage("generate", lambda: _generate(p), SyntheticSet)
+        p.stage("tune", lambda: _tune(p), SearchResult)
         p.stage("train", lambda: _train(p), SyntheticDecision)
         p.stage("judge", lambda: _judge(p), SyntheticSet)
         p.stage("evaluate", lambda: _evaluate(p), SplitEvaluation)
         p.stage("serve", lambda: _serve(p), EndpointCheck)
-        for build in builds:
-            build.join()
+        if warm is not None:
+            warm.join()
     summary = summarize(p, time.perf_counter() - started)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(p, summary)
