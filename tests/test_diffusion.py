@@ -179,6 +179,20 @@ def test_an_unknown_lr_schedule_is_refused_on_the_driver_naming_the_known_ones()
         finetune.check_schedule("cosinus")
 
 
+def test_caption_dropout_replaces_that_share_of_prompts_with_the_empty_one(base_pipe):
+    texts = d.encode_prompts(base_pipe, [d.prompt_for(c) for c in ("normal", "bacteria", "virus")])
+    empty = d.encode_prompts(base_pipe, "")
+    hidden = texts[torch.arange(3).repeat(400)]  # 1,200 rows
+    assert d.drop_captions(hidden, empty, 0.0, torch.Generator().manual_seed(0)) is hidden
+    dropped = d.drop_captions(hidden, empty, 0.1, torch.Generator().manual_seed(0))
+    is_empty = (dropped == empty).flatten(1).all(1)
+    kept = (dropped == hidden).flatten(1).all(1)
+    assert bool((is_empty | kept).all()) and 0.07 < float(is_empty.float().mean()) < 0.13
+    again = d.drop_captions(hidden, empty, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(again, dropped)  # seeded: a resumed epoch drops the same rows
+    assert bool((d.drop_captions(hidden, empty, 1.0, torch.Generator()) == empty).all())
+
+
 def test_loss_gives_gradients_to_lora_weights_only(lora_pipe, batch):
     pipe, params = lora_pipe
     pixels, prompts = batch

@@ -161,6 +161,16 @@ def encode_prompts(pipe, prompts: list[str] | str) -> torch.Tensor:
     return text_encoder(tok["input_ids"].to(device), attention_mask=mask)[0]
 
 
+def drop_captions(hidden: torch.Tensor, empty: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """``hidden`` (N, L, D) with each row replaced by the empty prompt's ``empty`` (1, L, D) with probability
+    ``share``: diffusers' ``proportion_empty_prompts``. Training on both keeps the unconditional
+    prediction, which classifier-free guidance pushes away from, the adapter's own."""
+    if not share:
+        return hidden
+    dropped = (torch.rand(len(hidden), generator=generator) < share).to(hidden.device)
+    return torch.where(dropped[:, None, None], empty.expand_as(hidden), hidden)
+
+
 def to_sd_pixels(image, size: int) -> torch.Tensor:
     """A float tensor (3, size, size) in [-1, 1]: the VAE's input.
 

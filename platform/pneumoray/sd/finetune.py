@@ -98,6 +98,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     unet = ray.train.torch.prepare_model(pipe.unet, move_to_device=False)  # DDP when several workers
     parts = diffusion.training_parts(pipe, unet=unet, prediction_type=cfg.get("prediction_type"))
     texts = diffusion.encode_prompts(pipe, cfg["prompts"]).to(device)  # one per class, encoded once
+    empty = diffusion.encode_prompts(pipe, "").to(device)  # the prompt classifier-free guidance pushes away from
+    dropout = float(cfg.get("caption_dropout") or 0.0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     client = ray_train.mlflow_client(cfg)
@@ -108,15 +110,18 @@ def train_loop_per_worker(cfg: dict) -> None:
         ray_train.log_epoch(client, cfg["mlflow_run_id"], {f"{k}_initial": v for k, v in initial.items()}, 0)
 
     gen = torch.Generator(device=device)
+    drop_gen = torch.Generator()  # its own draws: the noise and timesteps stay those of a run without dropout
 
     def step(batch):
-        return diffusion.train_step(parts, batch["pixel_values"], texts[batch["label"]], optimizer, generator=gen,
+        hidden = diffusion.drop_captions(texts[batch["label"]], empty, dropout, drop_gen)
+        return diffusion.train_step(parts, batch["pixel_values"], hidden, optimizer, generator=gen,
                                     autocast_dtype=half, scaler=scaler, max_grad_norm=cfg["max_grad_norm"])
 
     epochs = ray_train.EpochBatches(train_shard, range(start_epoch, cfg["epochs"]), batch_size=cfg["batch_size"],
                                     device=device)  # shuffled anew each epoch
     for epoch, batches in epochs:
         gen.manual_seed(cfg["seed"] * 100_003 + epoch)  # a resumed epoch draws the same noise
+        drop_gen.manual_seed(cfg["seed"] * 100_003 + epoch)
         values = {"epoch": epoch, "train_loss": ray_train.train_epoch(batches, step, scheduler),
                   **_val_scores(parts, val_shard, texts, cfg, device, half), "lr": scheduler.get_last_lr()[0]}
         ray_train.log_epoch(client, cfg["mlflow_run_id"], values, epoch)
