@@ -618,8 +618,8 @@ def _wait(predicate, timeout, what, service):
 
 def _slow_upload(url: str, length: int = 100_000, chunked: bool = False, token: str | None = TOKEN) -> socket.socket:
     """A client that declares a body of `length` bytes (or sends it chunked, declaring nothing) and sends its
-    first byte; the rest comes slowly (_trickle), or never. Declared bodies up to 1 MB are read in Serve's
-    proxy (serving.PrefetchBody); chunked ones stream to the replica."""
+    first byte; the rest comes slowly (a byte at a time, framed by _byte), or never. Declared bodies up to
+    1 MB are read in Serve's proxy (serving.PrefetchBody); chunked ones stream to the replica."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"

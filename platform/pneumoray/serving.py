@@ -319,13 +319,11 @@ class PrefetchBody:
                     if not message.get("more_body"):
                         break
         except TimeoutError:
+            from starlette.responses import JSONResponse
+
             error = slow_body(self.timeout_s, len(body), declared)
-            payload = json.dumps({"error": error.message}).encode()
-            await send({"type": "http.response.start", "status": error.status,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                    (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": payload})
-            return
+            answer = JSONResponse({"error": error.message}, status_code=error.status, headers={"connection": "close"})
+            return await answer(scope, receive, send)
         handed_over = False
 
         async def rest():  # Serve's proxy reads on to see the client leave: the body is already in the scope

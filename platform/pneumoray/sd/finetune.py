@@ -120,8 +120,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     epochs = ray_train.EpochBatches(train_shard, range(start_epoch, cfg["epochs"]), batch_size=cfg["batch_size"],
                                     device=device)  # shuffled anew each epoch
     for epoch, batches in epochs:
-        gen.manual_seed(cfg["seed"] * 100_003 + epoch)  # a resumed epoch draws the same noise
-        drop_gen.manual_seed(cfg["seed"] * 100_003 + epoch)
+        epoch_seed = cfg["seed"] * 100_003 + epoch  # a resumed epoch draws the same noise and drops the same captions
+        gen.manual_seed(epoch_seed)
+        drop_gen.manual_seed(epoch_seed)
         values = {"epoch": epoch, "train_loss": ray_train.train_epoch(batches, step, scheduler),
                   **_val_scores(parts, val_shard, texts, cfg, device, half), "lr": scheduler.get_last_lr()[0]}
         ray_train.log_epoch(client, cfg["mlflow_run_id"], values, epoch)
