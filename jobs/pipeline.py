@@ -37,6 +37,7 @@ class Pipeline:
         self.stages_dir.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, object] = {}  # stage name -> its record (pneumoray.results)
         self.seconds: dict[str, float] = {}
+        self.warm = None  # the process building the tiny CLIP (_warm_clip)
 
     def _attempt(self, fresh: bool) -> int:
         """1 for a new DIR; --fresh moves on to the next and forgets the finished stages."""
@@ -132,23 +133,26 @@ def _build_clip(profile: dict, manifest_path: str, classes: str) -> None:
 
 def _warm_clip(p: Pipeline):
     """Build the tiny CLIP and its training-split pretraining in another process, on the core that the
-    SD stages leave idle (their pretraining runs on one thread). The stages that need the CLIP later
+    SD LoRA fine-tune leaves idle (its Ray Train worker uses one). The stages that need the CLIP later
     wait on the build's lock instead of building it again; on a warm cache this finds it at once."""
     import multiprocessing
 
-    if p.profile["models"]["clip"] != "tiny":
-        return None
+    if p.warm is not None or p.profile["models"]["clip"] != "tiny":
+        return
     proc = multiprocessing.get_context("spawn").Process(
         target=_build_clip, args=(p.profile, p.results["manifest"].path, _classes(p)),
         name="pneumoray-build-clip", daemon=True)
     proc.start()
-    return proc
+    p.warm = proc
 
 
 def _finetune(p: Pipeline) -> TrainedRun:
     from pneumoray.sd import finetune
 
     real = _load(p)
+    # The SD base first, alone on both cores (a cached build; fit finds it), then the CLIP's build beside the LoRA.
+    finetune.base_sd(p.profile, real.split("train"))
+    _warm_clip(p)
     with _epoch_lines(p, int(p.profile["diffusion"]["epochs"]), "DIFFUSION_FIELDS"):
         return TrainedRun.of(finetune.fit(p.profile, real.frame, real.report, p.name("pipeline-sd-lora")),
                              score="val_loss")
@@ -412,16 +416,16 @@ def _run(args, out: Path) -> dict:
         p = Pipeline(out, profile, args)
         p.stage("data", lambda: _data(p), DataSource)
         p.stage("manifest", lambda: _manifest(p), ManifestRef)
-        warm = _warm_clip(p)
         p.stage("finetune_diffusion", lambda: _finetune(p), TrainedRun)
+        _warm_clip(p)  # (when the fine-tune was done in an earlier run)
         p.stage("generate", lambda: _generate(p), SyntheticSet)
         p.stage("tune", lambda: _tune(p), SearchResult)
         p.stage("train", lambda: _train(p), SyntheticDecision)
         p.stage("judge", lambda: _judge(p), SyntheticSet)
         p.stage("evaluate", lambda: _evaluate(p), SplitEvaluation)
         p.stage("serve", lambda: _serve(p), EndpointCheck)
-        if warm is not None:
-            warm.join()
+        if p.warm is not None:
+            p.warm.join()
     summary = summarize(p, time.perf_counter() - started)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(p, summary)

@@ -384,3 +384,22 @@ def test_adapted_sd_learns_the_images_label_free_is_cached_and_loads_with_diffus
     assert Path(m.adapted_sd("tiny", train.path.tolist()[::-1], train.sha256.tolist()[::-1], cfg, 64)) == folder
     assert time.perf_counter() - start < 1.0
     assert Path(m.adapted_sd("tiny", train.path.tolist(), train.sha256.tolist(), {**cfg, "unet_steps": 7}, 64)) != folder
+
+
+def test_adapted_sd_on_two_threads_is_its_own_entry_and_the_same_in_every_cache(caches, monkeypatch, kermany_sample):
+    """The demo pretrains the SD base on two torch threads: float sums then split differently than on
+    one, so the thread count is part of the key, and at a fixed count two builds agree bit for bit."""
+    from pneumoray.data import manifest
+
+    frame, _ = manifest.build(kermany_sample)
+    train = frame[frame.split == "train"].head(24)
+    cfg = {"vae_steps": 4, "unet_steps": 4, "batch": 4, "lr": 1e-3, "caption": "A chest X-ray",
+           "caption_dropout": 0.1, "seed": 0}
+    folders, threads = {}, torch.get_num_threads()
+    for name in ("a", "b"):
+        monkeypatch.setenv("PNEUMORAY_CACHE", str(caches[name]["root"]))
+        folders[name] = Path(m.adapted_sd("tiny", train.path.tolist(), train.sha256.tolist(), {**cfg, "threads": 2}, 64))
+    one = Path(m.adapted_sd("tiny", train.path.tolist(), train.sha256.tolist(), {**cfg, "threads": 1}, 64))
+    assert one != folders["b"]
+    _assert_same_weights(folders["a"], folders["b"])
+    assert torch.get_num_threads() == threads  # the caller's own setting is back

@@ -35,7 +35,7 @@ from .tiny_models import (
     build_tiny_clip,
     build_tiny_sd,
     cache_dir,
-    one_thread,
+    fixed_threads,
     seeded,
     tiny_tokenizer_vocab,
 )
@@ -109,7 +109,7 @@ def adapted_clip(ref: str, paths: list[str], sha256s: list[str], cfg: dict) -> s
         mean, std, size = image_norm(processor)
         grey = np.stack([np.asarray(images.letterbox(images.to_rgb(images.decode(Path(p).read_bytes())), size))[..., 0]
                          for p in paths]).astype(np.float32) / 255.0
-        with seeded(), one_thread():
+        with seeded(), fixed_threads(1):
             model = CLIPModel.from_pretrained(str(base))
             stats = contrastive_pretrain(model, torch.from_numpy(grey)[:, None], mean, std, **cfg)
         model.eval().save_pretrained(str(tmp), safe_serialization=True)
@@ -125,7 +125,8 @@ def adapted_sd(ref: str, paths: list[str], sha256s: list[str], cfg: dict, size: 
 
     For the tiny SD, which is random when built: a real SD 2 arrives knowing what images look like,
     and its LoRA fine-tune only has to teach the classes; this gives the tiny one the same start.
-    Training images only. Cached by the base, the images' hashes, ``cfg`` and ``size``; deterministic.
+    Training images only. Cached by the base, the images' hashes, ``cfg`` and ``size``; deterministic
+    at ``cfg['threads']`` torch threads (default 1), which are part of the key.
     """
     base = Path(resolve_model(ref, "sd"))
     final, key, paths = _adapted_folder("sd", base, paths, sha256s, {**cfg, "size": size})
@@ -137,9 +138,10 @@ def adapted_sd(ref: str, paths: list[str], sha256s: list[str], cfg: dict, size: 
         from .tiny_pretrain import pretrain_sd
 
         pixels = torch.stack([to_sd_pixels(p, size) for p in paths])
-        with seeded(), one_thread():
+        train = {k: v for k, v in cfg.items() if k != "threads"}
+        with seeded(), fixed_threads(int(cfg.get("threads", 1))):
             pipe = StableDiffusionPipeline.from_pretrained(str(base))
-            stats = pretrain_sd(pipe, pixels, **cfg)
+            stats = pretrain_sd(pipe, pixels, **train)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         return {"pretrain_on_training_split": stats}
 

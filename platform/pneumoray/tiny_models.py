@@ -191,9 +191,11 @@ def seeded():
 
 
 @contextmanager
-def one_thread():
+def fixed_threads(n: int = 1):
+    """Run on ``n`` torch threads whatever the machine's core count: float sums are split by thread
+    count, so a build is reproducible (bit for bit) only at a fixed one."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -220,7 +222,7 @@ def write_clip(folder: Path, spec: dict) -> None:
         model = CLIPModel(config)
         if spec.get("pretrain"):
             mean, std, _ = image_norm(processor)
-            with one_thread():  # float sums must not depend on the core count, or weights would differ
+            with fixed_threads(1):
                 pretrain_vision(model, mean, std, **spec["pretrain"])
     model.eval().save_pretrained(str(folder), safe_serialization=True)
     processor.save_pretrained(str(folder))

@@ -197,8 +197,11 @@ def pretrain_sd(pipe, images: torch.Tensor, vae_steps: int = 150, unet_steps: in
         opt.step()
         vae_losses.append(loss.item())
     vae.eval().requires_grad_(False)
+    # The VAE is frozen from here: each image's posterior is computed once, and every UNet step draws
+    # its latents from those (as diffusion_loss would, at a fraction of the cost of encoding again).
     with torch.no_grad():
-        means = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+        posteriors = [vae.encode(images[i:i + 64]).latent_dist for i in range(0, len(images), 64)]
+    means, stds = torch.cat([d.mean for d in posteriors]), torch.cat([d.std for d in posteriors])
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
 
     parts = diffusion.training_parts(pipe)  # freezes the VAE and the text encoder
@@ -208,9 +211,10 @@ def pretrain_sd(pipe, images: torch.Tensor, vae_steps: int = 150, unet_steps: in
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, unet_steps), pct_start=0.05)
     unet_losses = []
     for _ in range(unet_steps):
-        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        pick = torch.randint(0, len(images), (batch,), generator=g)
         dropped = (torch.rand(batch, generator=g) < caption_dropout).long()
-        loss = diffusion.diffusion_loss(parts, x, captions[dropped], generator=g)
+        latents = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=g)) * vae.config.scaling_factor
+        loss = diffusion.latent_loss(parts, latents, captions[dropped], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -12,7 +12,7 @@ The adapter is saved in diffusers' LoRA format (``pytorch_lora_weights.safetenso
 
 Public API: ``DEFAULT_TARGETS``, ``SDParts``, ``training_parts``, ``add_unet_lora``,
 ``enable_memory_savers``, ``prompt_for``, ``encode_prompts``, ``to_sd_pixels``, ``encode_latents``,
-``diffusion_loss``, ``train_step``, ``lora_state_dict``, ``save_lora``, ``load_lora``.
+``diffusion_loss``, ``latent_loss``, ``train_step``, ``lora_state_dict``, ``save_lora``, ``load_lora``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "to_sd_pixels",
     "encode_latents",
     "diffusion_loss",
+    "latent_loss",
     "train_step",
     "lora_state_dict",
     "save_lora",
@@ -217,12 +218,22 @@ def diffusion_loss(pipe_or_parts, pixel_values: torch.Tensor, encoder_hidden_sta
     timesteps; ``noise`` and ``timesteps`` can be given instead. Only the UNet runs with grad, so
     gradients reach the LoRA weights and nothing else.
     """
+    parts = _parts(pipe_or_parts)
+    gen = _generator(generator, pixel_values.device)
+    latents = encode_latents(parts.vae, pixel_values, gen)
+    return latent_loss(parts, latents, encoder_hidden_states, gen, noise, timesteps)
+
+
+def latent_loss(pipe_or_parts, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                generator=None, noise: torch.Tensor | None = None,
+                timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """``diffusion_loss`` on latents already encoded (and scaled), for a trainer whose VAE is frozen and
+    whose images' posteriors are computed once; ``generator`` draws the noise, then the timesteps."""
     from diffusers.utils.torch_utils import randn_tensor
 
     parts = _parts(pipe_or_parts)
     sched = parts.noise_scheduler
-    gen = _generator(generator, pixel_values.device)
-    latents = encode_latents(parts.vae, pixel_values, gen)
+    gen = _generator(generator, latents.device)
     if noise is None:
         noise = randn_tensor(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
     if timesteps is None:
