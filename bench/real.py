@@ -22,6 +22,7 @@ other, both ways, so it is not scored on the images it was fitted on. Writes ben
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -66,7 +67,7 @@ def summarize(name: str, per_seed: dict[int, dict], **extra) -> dict:
             "ece": stat(r["ece"] for r in runs), "per_seed": {str(k): v for k, v in per_seed.items()}, **extra}
 
 
-def clip_lora(profile: dict, frame, report, seed: int, work: Path, log, row: str = "clip_lora") -> dict:
+def clip_lora(profile: dict, frame, report, seed: int, work: Path, log, row: str = "clip_lora", tag: str = "") -> dict:
     """One jobs.train TorchTrainer run; the figures of its best checkpoint (on val macro-F1)."""
     import mlflow
 
@@ -75,7 +76,7 @@ def clip_lora(profile: dict, frame, report, seed: int, work: Path, log, row: str
     t = time.time()
     run_profile = {**profile, "train": {**profile["train"], "seed": seed}}
     inputs = training.prepare_inputs(run_profile, frame, report)
-    name = f"bench-real-{row.replace('_', '-')}-seed{seed}"
+    name = f"bench-real-{row.replace('_', '-')}{tag}-seed{seed}"
     with mlflow.start_run(run_name=name) as run:
         trainer = training.build_trainer(run_profile, inputs, name, run.info.run_id,
                                          tracking_uri=tracking.tracking_uri(), storage_path=work / "ray_results")
@@ -94,20 +95,25 @@ def with_synthetic(profile: dict, real_manifest: Path, counts: str, seeds: list[
     from pneumoray.sd import finetune, generation
 
     real = manifest.load_sources([real_manifest], CLASSES)
+    # The generator's settings name its runs and folder: --work continues a run of the same settings, and
+    # never mixes in images (or classifiers trained on them) that other settings made.
+    tag = "-" + hashlib.sha256(json.dumps([profile["diffusion"], profile["generate"], counts],
+                                          sort_keys=True).encode()).hexdigest()[:8]
     t = time.time()
-    sd = finetune.fit(profile, real.frame, real.report, "bench-real-sd-lora")
+    sd = finetune.fit(profile, real.frame, real.report, f"bench-real-sd-lora{tag}")
     log(f"SD LoRA on the training split: epoch {sd['best_epoch'] + 1}/{profile['diffusion']['epochs']} kept, "
         f"{sd['model_uri']} ({time.time() - t:.0f} s)")
     t = time.time()
     made = generation.make_synthetic_set(
-        profile, work / "synthetic", classes=real.classes, adapter_ref=sd["model_uri"], real=real, base=False,
+        profile, work / f"synthetic{tag}", classes=real.classes, adapter_ref=sd["model_uri"], real=real, base=False,
         counts=None if counts == "balance" else generation.parse_counts(counts, real.classes),
-        run_name="bench-real-generate", say=lambda line: log(line))
+        run_name=f"bench-real-generate{tag}", say=lambda line: log(line))
     log(f"generated {made.counts} ({time.time() - t:.0f} s)")
     both = manifest.load_sources([real_manifest, made.manifest], CLASSES)
     assert set(both.frame.loc[both.frame["split"] == "val", "path"]) == set(real.frame.loc[real.frame["split"] == "val", "path"])
-    runs = {s: clip_lora(profile, both.frame, both.report, s, work, log, row="clip_lora_synthetic") for s in seeds}
-    info = {"synthetic_counts": made.counts, "sd_lora": {k: sd.get(k) for k in ("best_epoch", "val_loss", "val_class_gain")},
+    runs = {s: clip_lora(profile, both.frame, both.report, s, work, log, row="clip_lora_synthetic", tag=tag) for s in seeds}
+    info = {"generator_settings": tag[1:], "synthetic_counts": made.counts,
+            "sd_lora": {k: sd.get(k) for k in ("best_epoch", "val_loss", "val_class_gain")},
             "quality": made.quality}
     return runs, info
 

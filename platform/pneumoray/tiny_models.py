@@ -1,6 +1,6 @@
 """The tiny models: CLIP and Stable Diffusion built offline from the configs below, by our own code.
 
-No download and no weights on disk to ship: each build is deterministic (fixed seed, one thread) and
+No download and no weights on disk to ship: each build is deterministic (fixed seed and thread count) and
 cached under ``$PNEUMORAY_CACHE/models`` (default ``~/.cache/pneumoray/models``) in the
 ``save_pretrained`` layout, so it loads with ``from_pretrained`` like any downloaded model. The
 writers take a spec, so bench/sizes.py builds its larger random models (ViT-B/16 sized) with them.

@@ -6,8 +6,8 @@ is), and LoRA on it learns too slowly for a demo. So the tiny model is built the
 was, in miniature: its image tower is pretrained on generic synthetic scenes (blobs of several
 shapes, sizes, edges and brightnesses at nine positions, textures over parts of the frame),
 predicting each scene's attributes. Nothing here is a chest X-ray or names a class, so the
-classifier task stays unseen, and zero-shot stays a fair baseline. Seeded and single-threaded:
-the same code gives the same weights.
+classifier task stays unseen, and zero-shot stays a fair baseline. Seeded, on a fixed thread count
+(tiny_models.fixed_threads): the same code gives the same weights.
 """
 
 from __future__ import annotations
