@@ -179,6 +179,7 @@ def pretrain_sd(pipe, images: torch.Tensor, vae_steps: int = 150, unet_steps: in
     the LoRA fine-tune has to teach the classes through their prompts. Returns the final losses.
     """
     import torch.nn.functional as F
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from .sd import diffusion
 
@@ -200,9 +201,8 @@ def pretrain_sd(pipe, images: torch.Tensor, vae_steps: int = 150, unet_steps: in
     # The VAE is frozen from here: each image's posterior is computed once, and every UNet step draws
     # its latents from those (as diffusion_loss would, at a fraction of the cost of encoding again).
     with torch.no_grad():
-        posteriors = [vae.encode(images[i:i + 64]).latent_dist for i in range(0, len(images), 64)]
-    means, stds = torch.cat([d.mean for d in posteriors]), torch.cat([d.std for d in posteriors])
-    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        moments = torch.cat([vae.encode(images[i:i + 64]).latent_dist.parameters for i in range(0, len(images), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / DiagonalGaussianDistribution(moments).mean.std()))
 
     parts = diffusion.training_parts(pipe)  # freezes the VAE and the text encoder
     unet.requires_grad_(True).train()
@@ -213,7 +213,7 @@ def pretrain_sd(pipe, images: torch.Tensor, vae_steps: int = 150, unet_steps: in
     for _ in range(unet_steps):
         pick = torch.randint(0, len(images), (batch,), generator=g)
         dropped = (torch.rand(batch, generator=g) < caption_dropout).long()
-        latents = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=g)) * vae.config.scaling_factor
+        latents = DiagonalGaussianDistribution(moments[pick]).sample(generator=g) * vae.config.scaling_factor
         loss = diffusion.latent_loss(parts, latents, captions[dropped], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
