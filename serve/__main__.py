@@ -14,10 +14,13 @@ cluster and ships this folder as the working dir.
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -80,15 +83,23 @@ def main(argv=None):
 
     # Serve's proxy and replicas read these at their start (the header cap, the throughput-optimised
     # mode); they inherit this env from the local Ray. A value already set wins.
-    for key, value in serving.SERVE_ENV.items():
+    env, haproxy_dir, runtime_env = dict(serving.SERVE_ENV), None, {}
+    if not args.address and profile["serve"]["ingress"] == "haproxy":
+        # Our own Ray: HAProxy in front, each replica serving HTTP itself (serving.haproxy_env)
+        # short: HAProxy's socket paths (this folder, Ray's 56-character node id, the name) stop at 97 characters
+        haproxy_dir = Path(tempfile.mkdtemp(prefix="pnr-ha-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        env.update(serving.haproxy_env(haproxy_dir, args.host))
+        runtime_env["worker_process_setup_hook"] = serving.HAPROXY_SETUP_HOOK
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     if args.address:
         # Another cluster: ship this folder (serve/ and the page) like `ray job submit --working-dir .`.
         ray.init(address=args.address, runtime_env={"working_dir": os.getcwd()})
     else:
-        # Our own Ray's proxy reads small bodies itself (serving.PrefetchBody); a cluster's proxy has its own env.
+        # Our own Ray's HTTP servers read small bodies before dispatch (serving.PrefetchBody); a cluster's have their own env.
         os.environ[serving.PREFETCH_ENV] = serving.prefetch_env(profile["serve"], token)
-        ray.init(address="local", include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1")
+        ray.init(address="local", include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env or None)
     # Ctrl-C and SIGTERM both stop it, even when started with SIGINT ignored (nohup, a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -97,6 +108,9 @@ def main(argv=None):
         serve.run(application(profile, tracking_uri, model, token=token), name="pneumoray", route_prefix="/")
         print(f"pneumoray endpoint ready: http://{args.host}:{args.port}/ serving {model} (version {version}); "
               f"API docs at /docs; Ctrl-C stops it", flush=True)
+        if haproxy_dir is not None:
+            print(f"  HAProxy in front of the replicas; its stats page: http://{args.host}:"
+                  f"{os.environ['RAY_SERVE_HAPROXY_STATS_PORT']}/stats", flush=True)
         print(f"  bearer token: {token_source}" + (f"  (curl -H \"Authorization: Bearer $(cat {token_source})\" ...)"
                                                   if token and not token_source.startswith("$") else ""), flush=True)
         while True:
@@ -110,6 +124,8 @@ def main(argv=None):
         finally:
             ray.shutdown()
             _reap_children()
+            if haproxy_dir is not None:
+                shutil.rmtree(haproxy_dir, ignore_errors=True)
     return 0
 
 

@@ -128,7 +128,7 @@ class PneumoniaClassifier:
         self._decode_slots = asyncio.Semaphore(int(settings["decode_concurrency"]))
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stats = {"requests": 0, "images": 0, "rejected": 0, "aborted": 0, "unbatched": 0, "batches": 0, "largest_batch": 0,
-                      "bodies_from_proxy": 0}
+                      "bodies_prefetched": 0}
         served = self.holder.current
         log.info("replica %s serving %s (version %s, alias %s); auth %s", self.replica, served.name,
                  served.version, served.alias, "on" if self.token_sha256 else "off")
@@ -148,11 +148,11 @@ class PneumoniaClassifier:
         serving.check_bearer(request.headers.get("authorization"), self.token_sha256, self.token_env)
 
     async def _body(self, request: Request) -> bytes:
-        prefetched = request.scope.get(serving.PREFETCHED)  # read in Serve's proxy (serving.PrefetchBody)
+        prefetched = request.scope.get(serving.PREFETCHED)  # read before dispatch (serving.PrefetchBody)
         if prefetched is not None:
             if len(prefetched) > self.body_limit:
                 raise serving.too_large(self.body_limit)
-            self.stats["bodies_from_proxy"] += 1
+            self.stats["bodies_prefetched"] += 1
             return prefetched
         return await serving.read_limited(request.stream(), request.headers.get("content-length"), self.body_limit,
                                           float(self.settings["body_timeout_s"]))

@@ -7,8 +7,10 @@ disturb it (moving the alias, killing the replica, SIGTERM) come last, in that o
 
 import io
 import os
+import re
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -406,12 +408,12 @@ def test_bearer_token_is_required_when_set(service, good):
 
 def test_small_bodies_are_read_in_the_proxy_and_a_body_without_the_token_is_never_read(service, good):
     image = raw(good["real.jpeg"], "image/jpeg")
-    before = service.model()["stats"]["bodies_from_proxy"]
+    before = service.model()["stats"]["bodies_prefetched"]
     assert service.post("/v1/classify", **image).status_code == 200
-    assert service.model()["stats"]["bodies_from_proxy"] == before + 1, "a small declared body comes with the request"
+    assert service.model()["stats"]["bodies_prefetched"] == before + 1, "a small declared body comes with the request"
     chunked = service.post("/v1/classify", data=iter([image["data"]]), headers=image["headers"])  # no Content-Length
     assert chunked.status_code == 200, chunked.text
-    assert service.model()["stats"]["bodies_from_proxy"] == before + 1, "a chunked body streams to the replica"
+    assert service.model()["stats"]["bodies_prefetched"] == before + 1, "a chunked body streams to the replica"
     # without the right token the answer comes before the body: it is not waited for (that would be a 408 in 3 s)
     for token in (None, TOKEN + "x"):
         sock = _slow_upload(service.url, token=token)
@@ -565,6 +567,31 @@ def test_replicas_are_cpu_or_gpu_by_profile():
     assert settings["token_sha256"] == serving.token_digest("secret")
 
 
+def test_haproxy_ingress_settings_are_private_and_the_template_edits_apply(tmp_path, monkeypatch):
+    from ray.serve._private import haproxy
+
+    from pneumoray.profiles import ProfileError
+
+    env = serving.haproxy_env(tmp_path / "ha", "127.0.0.1")
+    assert stat.S_IMODE((tmp_path / "ha").stat().st_mode) == 0o700
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] == "16384"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    assert all(v.startswith(str(tmp_path / "ha")) for k, v in env.items() if k.endswith(("_PATH", "_LOC", "_BASE", "_FILE")))
+    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", haproxy.HAPROXY_CONFIG_TEMPLATE)  # restored after
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    serving.harden_haproxy()  # not in HAProxy mode: nothing changes
+    assert "mode 666" in haproxy.HAPROXY_CONFIG_TEMPLATE
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    serving.harden_haproxy()
+    edited = haproxy.HAPROXY_CONFIG_TEMPLATE
+    assert "mode 666" not in edited and "bind *:" not in edited and "bind :" not in edited, edited
+    assert "timeout http-request 10s" in edited
+    serving.harden_haproxy()  # once per process, whatever calls it again
+    assert haproxy.HAPROXY_CONFIG_TEMPLATE == edited
+    with pytest.raises(ProfileError, match="serve.ingress"):
+        serving.deployment_options(serving.serve_profile(load_profile("tiny"), ["serve.ingress=nginx"]))
+
+
 # ----------------------------------------------------------------------------- disturbing the service (last)
 
 class Load:
@@ -686,9 +713,11 @@ def test_slow_bodies_get_408_within_the_deadline_and_a_good_request_still_gets_t
     assert service.get("/healthz", auth=False).status_code == 200
 
 
-def test_oversized_headers_get_431_before_they_are_parsed(service, good):
+def test_oversized_headers_are_refused_before_they_are_parsed(service, good):
+    # HAProxy in front (serve.ingress: haproxy) refuses past its 16 kB buffer with its own 400 (HAProxy 2.8
+    # applies no errorfile to its parser's errors); Serve's proxy (serve.ingress: proxy) answers our JSON 431
     host, port = service.url.removeprefix("http://").split(":")
-    for size in (100_000, 20_000_000):  # over the 64 kB cap; the second one is never read whole
+    for size in (100_000, 20_000_000):  # over the 15 kB cap; the second one is never read whole
         sock = socket.create_connection((host, int(port)), timeout=30)
         try:
             sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nX-Big: ".encode())
@@ -702,14 +731,14 @@ def test_oversized_headers_get_431_before_they_are_parsed(service, good):
             answer = _read_response(sock)
         finally:
             sock.close()
-        assert answer.startswith("HTTP/1.1 431"), answer[:200]
-        assert "request headers are over 64 kB" in answer
+        assert answer.startswith("HTTP/1.1 400 Bad request"), answer[:200]
         assert sent < 5_000_000, f"the server read {sent} bytes of headers before refusing"
+    assert service.get("/healthz", auth=False).status_code == 200
     # ordinary headers, large bodies and keep-alive requests are untouched
     with requests.Session() as s:
         for _ in range(3):
             ok = s.post(service.url + "/v1/classify", data=good["real.jpeg"],
-                        headers={**AUTH, "Content-Type": "image/jpeg", "X-Note": "n" * 8000})
+                        headers={**AUTH, "Content-Type": "image/jpeg", "X-Note": "n" * 14_000})
             assert ok.status_code == 200, ok.text
 
 
@@ -819,11 +848,50 @@ def test_a_replica_restarted_while_the_alias_is_gone_serves_its_last_known_good_
     assert back_after < 120, f"the replacement replica took {back_after:.0f} s"
 
 
+def _haproxy(service) -> tuple[list[psutil.Process], Path]:
+    """The endpoint's HAProxy processes and the config file they run."""
+    found = [p for p in psutil.Process(service.proc.pid).children(recursive=True) if p.name() == "haproxy"]
+    assert found, "no HAProxy in front of the replicas (serve.ingress: haproxy)"
+    args = found[-1].cmdline()
+    return found, Path(args[args.index("-f") + 1])
+
+
+def test_haproxy_fronts_the_replicas_on_loopback_only_with_a_private_admin_socket(service, good):
+    haproxies, config = _haproxy(service)
+    port = int(service.url.rsplit(":", 1)[1])
+    listening = {(c.laddr.ip, c.laddr.port) for p in haproxies for c in p.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert (("127.0.0.1", port)) in listening, listening  # the endpoint's port is HAProxy's
+    # the stats page and the Prometheus exporter too (Ray's template binds them on every interface)
+    assert len(listening) >= 3 and all(ip == "127.0.0.1" for ip, _ in listening), listening
+    stats = re.search(r"stats page: (http://127\.0\.0\.1:\d+/stats)", service.log_path.read_text(errors="replace"))
+    assert stats and "Statistics Report for HAProxy" in requests.get(stats.group(1), timeout=10).text
+    # each replica serves HTTP itself (direct ingress), on loopback
+    (replica,) = service.replicas()
+    own = [c.laddr for c in replica.net_connections("inet") if c.status == psutil.CONN_LISTEN and 30000 <= c.laddr.port <= 31000]
+    assert own and all(a.ip == "127.0.0.1" for a in own), own
+    # HAProxy's admin socket can reconfigure it: this user's alone, in a folder of mode 0700
+    text = config.read_text()
+    assert "as changed by pneumoray" in text and "timeout http-request 10s" in text
+    admin = Path(re.search(r"stats socket (\S+) mode 600 ", text).group(1))
+    assert stat.S_IMODE(admin.stat().st_mode) == 0o600 and stat.S_IMODE(config.parents[1].stat().st_mode) == 0o700
+    # headers that never finish are cut at 10 s with HAProxy's 408: a slow client holds no connection for long
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        started = time.time()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        answer = _read_response(sock)
+        assert answer.startswith("HTTP/1.1 408") and time.time() - started < 15, answer[:200]
+    finally:
+        sock.close()
+
+
 def test_sigterm_stops_the_service_and_leaves_no_process_behind(service):
     # SIGTERM (what systemd, docker and kill send) to the CLI alone, not to its process group: Ctrl-C in a
     # terminal reaches every process of the group, SIGTERM only this one, so it must clean up itself.
     descendants = psutil.Process(service.proc.pid).children(recursive=True)
     assert len(service.replicas()) == 1 and len(descendants) > 3
+    _, config = _haproxy(service)
     service.proc.send_signal(signal.SIGTERM)
     assert service.proc.wait(90) == 0, service.log_tail()
     assert "shutting down the endpoint" in service.log_tail()
@@ -834,6 +902,7 @@ def test_sigterm_stops_the_service_and_leaves_no_process_behind(service):
             break
         time.sleep(0.5)
     assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+    assert not config.parents[1].exists(), "HAProxy's private folder outlived the endpoint"
     with pytest.raises(requests.ConnectionError):
         requests.get(service.url + "/healthz", timeout=5)
 

