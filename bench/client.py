@@ -101,13 +101,14 @@ def summarize(records: list[Record], concurrency: int, window: tuple[float, floa
 
 def run_load(url: str, requests: list[Req], concurrency: int, duration_s: float, *, max_requests: int = 100_000,
              warmup_s: float = 0.0, timeout_s: float = 120.0, check=None, on_record=None,
-             retries: int = 0) -> LoadResult:
+             retries: int = 0, retry_after_s: float = 0.0) -> LoadResult:
     """Drive `url` (http://127.0.0.1:PORT) with `requests` in turn; see the module docstring.
 
     check(status, body) -> bool decides success (default: status 200). on_record(record) is called
     from the worker threads as each request ends (for fault runs that watch the timeline).
     retries: how many times a request that got a 5xx or no answer is sent again (the classify call
-    is idempotent); the record keeps the last answer and the number of attempts.
+    is idempotent), each `retry_after_s` after the failure; the record keeps the last answer and the
+    number of attempts.
     """
     host, port = check_loopback(url)
     if concurrency < 1 or duration_s <= 0 or max_requests < 1:
@@ -147,6 +148,7 @@ def run_load(url: str, requests: list[Req], concurrency: int, duration_s: float,
                     conn = None
                 if ok or not (status == 0 or status >= 500):
                     break
+                time.sleep(retry_after_s if attempt <= retries else 0)
             rec = Record(start, time.perf_counter(), status, ok, err, attempt)
             with lock:
                 records.append(rec)

@@ -3,7 +3,9 @@
     python -m bench.faults [--only replica,train_worker,generation,corrupt_files]
 
 * replica: SIGKILL of one Serve replica while 32 clients load the endpoint. Lost = requests with no
-  200 answer after one retry of a 5xx (classify is idempotent; the first failures are reported too).
+  200 answer after one retry of a 5xx, RETRY_AFTER_S later, as a client with backoff would (classify
+  is idempotent; the first failures are reported too). An immediate retry can reach the dying replica
+  in the 0.1 s before HAProxy has seen it go.
   Recovery = from the kill until a new replica answers.
 * alias_deleted: the same, after deleting the `champion` alias: the new replica must start from its
   local last-known-good copy and answer (no crash loop). The alias is put back after the recovery.
@@ -68,6 +70,9 @@ def _probe(fn):
         return None
 
 
+RETRY_AFTER_S = 0.5  # the load clients' one retry of a 5xx comes this long after it
+
+
 def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0, delete_alias: bool = False) -> dict:
     import http.client
 
@@ -125,7 +130,8 @@ def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0
         started = time.perf_counter()
         t = threading.Thread(target=killer, daemon=True)
         t.start()
-        result = run_load(srv.url, servers.ours_requests(images), 32, load_s, check=servers.ours_ok, retries=1)
+        result = run_load(srv.url, servers.ours_requests(images), 32, load_s, check=servers.ours_ok, retries=1,
+                          retry_after_s=RETRY_AFTER_S)
         t.join(timeout=320)
     finally:
         if delete_alias:
@@ -142,7 +148,7 @@ def replica(work: Path, log=print, load_s: float = 45.0, kill_at_s: float = 12.0
             "replica_ids_before": sorted(seen), "new_replica": state.get("new_replica"),
             "recover_s": round(state["recovered_at"] - killed, 2) if "recovered_at" in state else None,
             "longest_gap_without_answers_s": round(max(gaps), 2) if gaps else None,
-            "p99_ms": result.p99_ms, "ok": not lost and "recovered_at" in state}
+            "p99_ms": result.p99_ms, "retry_after_s": RETRY_AFTER_S, "ok": not lost and "recovered_at" in state}
 
 
 # ----------------------------------------------------------------------------- a Ray Train worker

@@ -260,6 +260,9 @@ def haproxy_env(folder: Path, host: str) -> dict:
         # A stopping replica stays up this long for HAProxy to take it out (Ray's default, 30 s, is for
         # cloud load balancers; here HAProxy hears of it within a second and retries refused connections)
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+        # One refused connection takes a replica out of rotation until its health check passes again: with
+        # leastconn a replica that has just died (no connections left) would else be picked for every retry
+        "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
     }
 
 
@@ -268,10 +271,10 @@ def harden_haproxy() -> None:
     (the runtime_env's worker_process_setup_hook, HAPROXY_SETUP_HOOK), so in Serve's HAProxy manager too.
 
     Ray renders the stats page and the Prometheus exporter on every interface and the admin socket with
-    mode 666 (anyone on the machine could reconfigure HAProxy), and gives a request's headers no
-    deadline. Here both listen on the endpoint's own address, the socket is the user's alone, and
-    headers must arrive within 10 s (HAProxy's 408). Each edit checks that Ray's template still has
-    what it replaces. (Headers past HAProxy's buffer get its own HTML 400: HAProxy 2.8 applies no
+    mode 666 (anyone on the machine could reconfigure HAProxy), gives a request's headers no deadline,
+    and reuses idle connections to replicas. Here both listen on the endpoint's own address, the socket
+    is the user's alone, headers must arrive within 10 s (HAProxy's 408), and a request to a replica that
+    has just died is retried on another. Each edit checks that Ray's template still has what it replaces. (Headers past HAProxy's buffer get its own HTML 400: HAProxy 2.8 applies no
     errorfile to errors of its HTTP/1 parser, haproxy/haproxy#3032, so it cannot be our JSON 431.)
     """
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
@@ -283,7 +286,10 @@ def harden_haproxy() -> None:
         "stats socket {{ config.socket_path }} mode 666": "stats socket {{ config.socket_path }} mode 600",
         "bind :{{ config.metrics_port }}": "bind {{ config.frontend_host }}:{{ config.metrics_port }}",
         "bind *:{{ config.stats_port }}": "bind {{ config.frontend_host }}:{{ config.stats_port }}",
-        "defaults\n    mode http\n": "defaults\n    mode http\n    timeout http-request 10s\n",
+        # no idle connection to a replica is kept for the next request: one to a replica that has just died
+        # fails after the request is sent, which HAProxy does not retry; a new connection to it is refused,
+        # which HAProxy retries on another replica (retry-on conn-failure, redispatch)
+        "defaults\n    mode http\n": "defaults\n    mode http\n    timeout http-request 10s\n    http-reuse never\n",
     }
     if "pneumoray" in template:
         return
