@@ -273,9 +273,11 @@ def harden_haproxy() -> None:
     Ray renders the stats page and the Prometheus exporter on every interface and the admin socket with
     mode 666 (anyone on the machine could reconfigure HAProxy), gives a request's headers no deadline,
     and reuses idle connections to replicas. Here both listen on the endpoint's own address, the socket
-    is the user's alone, headers must arrive within 10 s (HAProxy's 408), and a request to a replica that
-    has just died is retried on another. Each edit checks that Ray's template still has what it replaces. (Headers past HAProxy's buffer get its own HTML 400: HAProxy 2.8 applies no
-    errorfile to errors of its HTTP/1 parser, haproxy/haproxy#3032, so it cannot be our JSON 431.)
+    is the user's alone, headers must arrive within 10 s (HAProxy's 408), and each request opens its own
+    connection to a replica, so that one to a replica that has died is refused and retried on another.
+    Each edit checks that Ray's template still has what it replaces. (Headers past HAProxy's buffer get
+    its own HTML 400: HAProxy 2.8 applies no errorfile to errors of its HTTP/1 parser,
+    haproxy/haproxy#3032, so it cannot be our JSON 431.)
     """
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return
