@@ -8,8 +8,10 @@ PNEUMORAY_RUNS); when its alias moves, the service switches to the new version b
 /v1/* requires 'Authorization: Bearer <token>': the token in PNEUMORAY_SERVE_TOKEN, else the one in
 the run folder's serve-token file (generated at the first start, mode 0600); it prints where.
 --no-auth turns that off, on a loopback address only.
-Without --address (or RAY_ADDRESS) it starts a private local Ray; with one it serves on that
-cluster and ships this folder as the working dir.
+Without --address (or RAY_ADDRESS) it starts a private local Ray, with Ray Serve's HAProxy in front
+of replicas that serve HTTP themselves (serve.ingress: haproxy; --set serve.ingress=proxy for Serve's
+Python proxy); with one it serves on that cluster, through its proxy, and ships this folder as the
+working dir.
 """
 
 import argparse
