@@ -112,6 +112,7 @@ class PneumoniaClassifier:
     def __init__(self, settings: dict):
         self.settings = settings
         serving.harden_pil(settings["max_pixels"])
+        self.torch_threads = serving.set_torch_threads(settings.get("torch_threads", 0), settings.get("use_gpu", False))
         self.holder = serving.ModelHolder(settings["model"], settings["tracking_uri"], settings["poll_s"],
                                           settings.get("last_known_good_dir"))
         self.holder.start()
@@ -238,7 +239,7 @@ class PneumoniaClassifier:
                 "replica": self.replica, "stats": {**self.stats, "in_flight": self._active},
                 "limits": {"max_body_mb": self.settings["max_body_mb"], "max_pixels": self.max_pixels,
                            "max_request_pixels": self.max_request_pixels, "max_batch_files": self.max_files,
-                           "body_timeout_s": self.settings["body_timeout_s"]}}
+                           "body_timeout_s": self.settings["body_timeout_s"]}, "torch_threads": self.torch_threads}
 
     @api.post("/v1/classify", summary="Classify one chest X-ray (JPEG, PNG or DICOM)", response_model=Prediction,
               responses=ERRORS, openapi_extra=SINGLE_BODY, dependencies=[Depends(bearer_doc)])

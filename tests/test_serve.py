@@ -562,9 +562,17 @@ def test_replicas_are_cpu_or_gpu_by_profile():
     gpu = ["hardware.use_gpu=true", "serve.max_replicas=4"]
     forced = serving.deployment_options(serving.serve_profile(load_profile("tiny"), gpu))
     assert forced["ray_actor_options"]["num_gpus"] == 1 and forced["autoscaling_config"]["max_replicas"] == 4
+    import torch
+
+    before = torch.get_num_threads()
+    try:  # a CPU replica's torch gets every core (0) or the number asked; a GPU replica is left alone
+        assert serving.set_torch_threads(0, use_gpu=False) == len(os.sched_getaffinity(0))
+        assert serving.set_torch_threads(1, use_gpu=False) == 1 and serving.set_torch_threads(3, use_gpu=True) is None
+    finally:
+        torch.set_num_threads(before)
     settings = serving.replica_settings(serving.serve_profile(load_profile("tiny")), "sqlite:///x.db", token="secret")
     assert TOKEN not in repr(settings) and "secret" not in repr(settings)  # only the token's digest travels
-    assert settings["token_sha256"] == serving.token_digest("secret")
+    assert settings["token_sha256"] == serving.token_digest("secret") and settings["torch_threads"] == 0
 
 
 def test_haproxy_ingress_settings_are_private_and_the_template_edits_apply(tmp_path, monkeypatch):
@@ -715,9 +723,9 @@ def test_slow_bodies_get_408_within_the_deadline_and_a_good_request_still_gets_t
 
 def test_oversized_headers_are_refused_before_they_are_parsed(service, good):
     # HAProxy in front (serve.ingress: haproxy) refuses past its 16 kB buffer with its own 400 (HAProxy 2.8
-    # applies no errorfile to its parser's errors); Serve's proxy (serve.ingress: proxy) answers our JSON 431
+    # applies no errorfile to its parser's errors); Serve's proxy (serve.ingress: proxy) answers our JSON 431 past 64 kB
     host, port = service.url.removeprefix("http://").split(":")
-    for size in (100_000, 20_000_000):  # over the 15 kB cap; the second one is never read whole
+    for size in (100_000, 20_000_000):  # over either cap; the second one is never read whole
         sock = socket.create_connection((host, int(port)), timeout=30)
         try:
             sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nX-Big: ".encode())
