@@ -618,7 +618,7 @@ def set_torch_threads(threads: int, use_gpu: bool) -> int | None:
     """A CPU replica's torch intra-op threads (serve.torch_threads; 0: every core this process may use).
 
     Ray sets OMP_NUM_THREADS to the CPUs an actor reserves (one), so a lone request would run on one
-    core while the others idle: measured on vitb16 (2 cores), 540 ms p50 against 418 ms with two
+    core while the others idle: measured on vitb16 (2 cores), 540 ms p50 against 419 ms with two
     threads, and no loss under 32 clients with both replicas busy. GPU replicas are left as they are.
     """
     if use_gpu:
