@@ -148,7 +148,8 @@ def run_load(url: str, requests: list[Req], concurrency: int, duration_s: float,
                     conn = None
                 if ok or not (status == 0 or status >= 500):
                     break
-                time.sleep(retry_after_s if attempt <= retries else 0)
+                if attempt <= retries:
+                    time.sleep(retry_after_s)
             rec = Record(start, time.perf_counter(), status, ok, err, attempt)
             with lock:
                 records.append(rec)

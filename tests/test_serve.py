@@ -406,7 +406,7 @@ def test_bearer_token_is_required_when_set(service, good):
     assert service.post("/v1/classify", **image).status_code == 200
 
 
-def test_small_bodies_are_read_in_the_proxy_and_a_body_without_the_token_is_never_read(service, good):
+def test_small_bodies_are_read_before_dispatch_and_a_body_without_the_token_is_never_read(service, good):
     image = raw(good["real.jpeg"], "image/jpeg")
     before = service.model()["stats"]["bodies_prefetched"]
     assert service.post("/v1/classify", **image).status_code == 200

@@ -208,8 +208,6 @@ def check_bearer(header: str | None, expected_sha256: str | None, token_env: str
 HAPROXY_BUFSIZE = 16384  # HAProxy's buffer per connection (its default): a request's line and headers must fit in it
 MAX_HEADER_BYTES = 64 * 1024  # request line + headers through Serve's proxy; 431 above (nginx's large buffers: 32 kB)
 PROXY_CALLBACK = "pneumoray.serving:harden_proxy"  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
-HEADERS_REFUSED = (f"request headers are over {MAX_HEADER_BYTES // 1024} kB: send the image in the body "
-                   "(multipart field 'file' or the raw bytes), not in headers or the URL")
 
 # Ray Serve settings for the endpoint. Serve's proxy and replicas read them at their start, so they are
 # set before Ray starts: `python -m serve` sets each one not already set; cluster.yaml exports them
@@ -284,6 +282,8 @@ def harden_haproxy() -> None:
     from ray.serve._private import haproxy
 
     template = haproxy.HAPROXY_CONFIG_TEMPLATE
+    if "pneumoray" in template:  # already edited in this process
+        return
     edits = {
         "stats socket {{ config.socket_path }} mode 666": "stats socket {{ config.socket_path }} mode 600",
         "bind :{{ config.metrics_port }}": "bind {{ config.frontend_host }}:{{ config.metrics_port }}",
@@ -293,8 +293,6 @@ def harden_haproxy() -> None:
         # which HAProxy retries on another replica (retry-on conn-failure, redispatch)
         "defaults\n    mode http\n": "defaults\n    mode http\n    timeout http-request 10s\n    http-reuse never\n",
     }
-    if "pneumoray" in template:
-        return
     for old, new in edits.items():
         if template.count(old) != 1:
             raise RuntimeError(f"Ray's HAProxy template has changed ({old!r} not found once): update "
@@ -321,7 +319,8 @@ def harden_proxy() -> list:
     if getattr(protocol, "_pneumoray_header_cap", None) or os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         return middlewares  # behind HAProxy its buffer caps headers before any reach Serve's servers
     feed, complete = protocol.data_received, protocol.on_message_complete
-    body = json.dumps({"error": HEADERS_REFUSED}).encode()
+    body = json.dumps({"error": f"request headers are over {MAX_HEADER_BYTES // 1024} kB: send the image in the body "
+                                "(multipart field 'file' or the raw bytes), not in headers or the URL"}).encode()
     refusal = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
